@@ -1,0 +1,1 @@
+"""Curation: PMC figure-caption sources to modality-filtered alignment and instruction sets."""

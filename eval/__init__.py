@@ -1,0 +1,1 @@
+"""Evaluation: medical VQA tasks, batched generation, metrics and reports."""

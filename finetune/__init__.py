@@ -1,0 +1,1 @@
+"""Fine-tuning: the training wrapper, the curriculum stages and per-task heads."""

@@ -1,0 +1,204 @@
+"""File I/O every package shares: atomic writes, JSON/JSONL reading with located errors,
+and an append-only JSONL log that survives being killed mid-write.
+
+Writes go through a temporary file in the same folder and `os.replace`, so a crash never
+leaves half a file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and the line or record."""
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
+    """Open a temporary file beside `path`; on clean exit fsync it and rename it to `path`.
+
+    On an exception the temporary file is removed and `path` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    binary = "b" in mode
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=None if binary else encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
+    with atomic_open(path, "w") as f:
+        json.dump(obj, f, indent=indent, ensure_ascii=False)
+        f.write("\n")
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
+    """Atomically write `rows` as JSON lines; returns the number written."""
+    n = 0
+    with atomic_open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False))
+            f.write("\n")
+            n += 1
+    return n
+
+
+def read_jsonl(path: str | os.PathLike, skip_bad: bool = False, errors: list | None = None) -> Iterator[tuple[int, dict]]:
+    """Yield `(line_number, object)` for each non-blank line of a JSONL file.
+
+    A line that is not a JSON object raises `DataError` naming `file:line`, or with
+    `skip_bad=True` is skipped and its message appended to `errors` (when given).
+    """
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                if not isinstance(obj, dict):
+                    raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+            except ValueError as e:
+                msg = f"{path}:{lineno}: not a valid JSON object ({e})"
+                if not skip_bad:
+                    raise DataError(msg) from None
+                if errors is not None:
+                    errors.append(msg)
+                continue
+            yield lineno, obj
+
+
+def iter_json_array(path: str | os.PathLike, chunk_size: int = 1 << 20) -> Iterator[tuple[int, Any]]:
+    """Yield `(index, element)` from a file holding one JSON array, without reading it whole.
+
+    The file is decoded in chunks, so a multi-GB release file (LLaVA-Med's alignment set)
+    is never held in memory as text and as objects at once.
+    """
+    path = Path(path)
+    decoder = json.JSONDecoder()
+    with open(path, encoding="utf-8") as f:
+        buf = f.read(chunk_size)
+        pos = _skip_ws(buf, 0)
+        if pos >= len(buf) or buf[pos] != "[":
+            raise DataError(f"{path}: expected a JSON array")
+        pos += 1
+        index = 0
+        eof = False
+        while True:
+            buf, pos, eof = _fill(f, buf, pos, eof, chunk_size)
+            pos = _skip_ws(buf, pos)
+            if pos < len(buf) and buf[pos] == "]":
+                return
+            if index:
+                if pos >= len(buf) or buf[pos] != ",":
+                    raise DataError(f"{path}: record {index}: expected ',' or ']' after the previous record")
+                pos = _skip_ws(buf, pos + 1)
+            while True:
+                try:
+                    obj, end = decoder.raw_decode(buf, pos)
+                    break
+                except json.JSONDecodeError as e:
+                    if eof:
+                        raise DataError(f"{path}: record {index}: invalid JSON ({e.msg})") from None
+                    buf, pos, eof = _fill(f, buf, pos, eof, chunk_size, force=True)
+            yield index, obj
+            index += 1
+            pos = end
+
+
+def _skip_ws(buf: str, pos: int) -> int:
+    while pos < len(buf) and buf[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _fill(f, buf: str, pos: int, eof: bool, chunk_size: int, force: bool = False):
+    """Drop consumed text and read more when little is left (or when `force`)."""
+    if eof or (not force and len(buf) - pos > chunk_size // 2):
+        return buf, pos, eof
+    more = f.read(chunk_size)
+    return buf[pos:] + more, 0, not more
+
+
+def iter_json_or_jsonl(
+    path: str | os.PathLike, skip_bad: bool = False, errors: list | None = None
+) -> Iterator[tuple[str, Any]]:
+    """Yield `(location, element)` from a JSON array file or a JSONL file.
+
+    The location reads `line N` for JSONL and `record N` (0-based) for a JSON array.
+    The format is taken from the first non-blank character, not the extension. With `skip_bad`,
+    broken JSONL lines are skipped and noted in `errors`; a broken JSON array cannot be read past
+    the break, so it always raises.
+    """
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        head = f.read(4096).lstrip()
+    if not head:
+        return
+    if head[0] == "[":
+        for i, obj in iter_json_array(path):
+            yield f"record {i}", obj
+    else:
+        for lineno, obj in read_jsonl(path, skip_bad=skip_bad, errors=errors):
+            yield f"line {lineno}", obj
+
+
+class JsonlLog:
+    """Append-only JSONL results file for resumable runs.
+
+    Each row is written and flushed whole; on reopening, a trailing partial line left by a
+    killed process is cut off, so every line in the file is a complete row.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._truncate_partial_tail()
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def _truncate_partial_tail(self) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+
+    def rows(self) -> list[dict]:
+        """Rows already in the file (complete lines only)."""
+        return [obj for _, obj in read_jsonl(self.path)]
+
+    def append(self, row: dict) -> None:
+        self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> "JsonlLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,241 @@
+"""Conversation templates and label masking.
+
+A record's turns are rendered to one string with the template its checkpoint was trained on, the
+`<image>` placeholder expanded to as many image tokens as the vision tower yields (as transformers'
+Llava processor does), then tokenised once. Labels keep only the assistant tokens, end-of-turn token
+included; everything else is -100. Assistant spans are tracked as character ranges while rendering
+and mapped to tokens through the fast tokenizer's offsets, so the tokens that carry loss are exactly
+the tokens the model sees at inference, with no re-tokenisation at segment boundaries.
+
+Templates:
+- `vicuna_v1`: LLaVA-1.5 and LLaVA-Med v1.0: `SYSTEM USER: q ASSISTANT: a</s>USER: ...`.
+- `mistral_instruct`: LLaVA-Med v1.5 (Mistral-7B): `[INST] q [/INST] a </s>[INST] ...`.
+- `plain`: LLaVA's stage-1 format: the image, then the caption; the instruction is dropped.
+- `chat_template`: the checkpoint tokenizer's own Jinja chat template.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from medllava.records import HUMAN, IMAGE_PLACEHOLDER
+
+IGNORE_INDEX = -100
+
+VICUNA_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+TEMPLATES = ("vicuna_v1", "mistral_instruct", "plain", "chat_template")
+
+
+@dataclass
+class Rendered:
+    """A rendered conversation: the text and the character spans that carry loss."""
+
+    text: str
+    assistant_spans: list[tuple[int, int]]
+
+
+def _image_first(value: str) -> str:
+    """Move a single `<image>` to the front of the turn, as LLaVA's training code does."""
+    if value.count(IMAGE_PLACEHOLDER) != 1:
+        return value
+    return IMAGE_PLACEHOLDER + "\n" + value.replace(IMAGE_PLACEHOLDER, "").strip()
+
+
+class _Builder:
+    """Accumulates text and the spans of assistant content."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.length = 0
+        self.spans: list[tuple[int, int]] = []
+
+    def add(self, text: str, supervised: bool = False) -> None:
+        if supervised and text:
+            self.spans.append((self.length, self.length + len(text)))
+        self.parts.append(text)
+        self.length += len(text)
+
+    def done(self) -> Rendered:
+        return Rendered("".join(self.parts), self.spans)
+
+
+def render(
+    turns: list[dict],
+    template: str,
+    eos: str,
+    image_text: str = IMAGE_PLACEHOLDER,
+    system: str | None = None,
+    processor=None,
+    add_generation_prompt: bool = False,
+) -> Rendered:
+    """Render `turns` ({from, value}, alternating, human first) with `template`.
+
+    `image_text` replaces each `<image>` (normally the image token repeated once per image feature).
+    `eos` is the end-of-turn string after each assistant reply. With `add_generation_prompt`, the
+    text ends where the assistant's next reply would start (turns must then end with a human turn).
+    `processor` (one with a chat template) is needed only for `chat_template`.
+    """
+    turns = [dict(t, value=_image_first(t["value"])) if t["from"] == HUMAN else t for t in turns]
+    if template == "chat_template":
+        return _render_chat_template(turns, processor, image_text, add_generation_prompt)
+    b = _Builder()
+    if template == "vicuna_v1":
+        b.add((VICUNA_SYSTEM if system is None else system) + " ")
+        for t in turns:
+            if t["from"] == HUMAN:
+                b.add("USER: " + t["value"].replace(IMAGE_PLACEHOLDER, image_text) + " ASSISTANT:")
+            else:
+                b.add(" ")
+                b.add(t["value"] + eos, supervised=True)
+    elif template == "mistral_instruct":
+        for i, t in enumerate(turns):
+            if t["from"] == HUMAN:
+                sys_prefix = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if (system and i == 0) else ""
+                b.add("[INST] " + sys_prefix + t["value"].replace(IMAGE_PLACEHOLDER, image_text) + " [/INST]")
+            else:
+                b.add(" ")
+                b.add(t["value"] + " " + eos, supervised=True)
+    elif template == "plain":
+        if len(turns) > 2:
+            raise ValueError(f"template 'plain' takes one human and one gpt turn, got {len(turns)} turns")
+        for t in turns:
+            if t["from"] == HUMAN:
+                # Stage-1 alignment: only the image conditions the caption.
+                b.add(image_text * t["value"].count(IMAGE_PLACEHOLDER))
+            else:
+                b.add(t["value"] + "\n", supervised=True)
+    else:
+        raise ValueError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
+    return b.done()
+
+
+def _render_chat_template(turns, processor, image_text, add_generation_prompt) -> Rendered:
+    """Render with the processor's Jinja chat template; assistant spans come from rendering prefixes.
+
+    llava-hf processors ship a chat template over structured content (`{"type": "image"}` and
+    `{"type": "text"}` parts) that writes one `<image>` per image part; those are expanded to
+    `image_text` afterwards, shifting the spans. The text after rendering turns[:i] with a generation
+    prompt and before rendering turns[:i+1] is the i-th assistant reply with its end-of-turn markup; a
+    template whose prefix renderings are not prefixes of the full rendering cannot be masked this way.
+    """
+    if processor is None or not getattr(processor, "chat_template", None):
+        raise ValueError("template 'chat_template' needs a processor that has a chat template")
+    msgs = []
+    for t in turns:
+        n_images = t["value"].count(IMAGE_PLACEHOLDER)
+        text = t["value"].replace(IMAGE_PLACEHOLDER + "\n", "").replace(IMAGE_PLACEHOLDER, "").strip()
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
+        msgs.append({"role": "user" if t["from"] == HUMAN else "assistant", "content": content})
+
+    def text_of(n: int, gen: bool) -> str:
+        return processor.apply_chat_template(msgs[:n], tokenize=False, add_generation_prompt=gen)
+
+    full = text_of(len(msgs), add_generation_prompt)
+    spans = []
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        start_text, end_text = text_of(i, True), text_of(i + 1, False)
+        if not (full.startswith(end_text) and end_text.startswith(start_text)):
+            raise ValueError("the chat template does not render prefixes stably; use vicuna_v1 or mistral_instruct")
+        spans.append((len(start_text), len(end_text)))
+    return _expand_images(full, spans, image_text)
+
+
+def _expand_images(text: str, spans: list[tuple[int, int]], image_text: str) -> Rendered:
+    """Replace each `<image>` in `text` by `image_text`, moving the spans that follow it."""
+    if image_text == IMAGE_PLACEHOLDER:
+        return Rendered(text, spans)
+    grow = len(image_text) - len(IMAGE_PLACEHOLDER)
+    positions = []
+    start = text.find(IMAGE_PLACEHOLDER)
+    while start != -1:
+        positions.append(start)
+        start = text.find(IMAGE_PLACEHOLDER, start + len(IMAGE_PLACEHOLDER))
+    shifted = [(a + grow * sum(p < a for p in positions), b + grow * sum(p < b for p in positions)) for a, b in spans]
+    return Rendered(text.replace(IMAGE_PLACEHOLDER, image_text), shifted)
+
+
+class TooLongError(ValueError):
+    """A conversation whose image tokens or first reply do not fit in `max_length`."""
+
+
+def encode_conversation(
+    turns: list[dict],
+    processor,
+    template: str,
+    num_image_tokens: int,
+    max_length: int | None = None,
+    system: str | None = None,
+) -> dict[str, list[int]]:
+    """Turn a conversation into `input_ids`, `attention_mask` and `labels` (lists of length T).
+
+    Each `<image>` becomes `num_image_tokens` image tokens. Labels are the input ids on assistant
+    tokens (end-of-turn token included) and -100 elsewhere; the model shifts them internally.
+    Truncation cuts the end; a conversation whose image tokens or whole first reply would be cut
+    raises TooLongError (training on a cut image or on no target teaches nothing).
+    """
+    tokenizer, image_token = processor.tokenizer, processor.image_token
+    rendered = render(
+        turns, template, eos=tokenizer.eos_token or "", image_text=image_token * num_image_tokens,
+        system=system, processor=processor,
+    )
+    # A Jinja chat template writes its own BOS; the other templates rely on the tokenizer adding it.
+    enc = tokenizer(
+        rendered.text, add_special_tokens=template != "chat_template", return_offsets_mapping=True,
+    )
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = [IGNORE_INDEX] * len(ids)
+    spans = rendered.assistant_spans
+    k = 0
+    for i, (start, end) in enumerate(offsets):
+        if end <= start:
+            continue  # special tokens added by the tokenizer have empty offsets
+        while k < len(spans) and spans[k][1] <= start:
+            k += 1
+        if k < len(spans) and start < spans[k][1] and end > spans[k][0]:
+            labels[i] = ids[i]
+    if max_length is not None and len(ids) > max_length:
+        image_id = tokenizer.convert_tokens_to_ids(image_token)
+        cut_ids, cut_labels = ids[:max_length], labels[:max_length]
+        if ids.count(image_id) != cut_ids.count(image_id):
+            raise TooLongError(f"{len(ids)} tokens; max_length {max_length} would cut the image tokens")
+        first_reply_end = _first_reply_end(labels)
+        if first_reply_end > max_length:
+            raise TooLongError(f"{len(ids)} tokens; max_length {max_length} would cut the first reply")
+        ids, labels = cut_ids, cut_labels
+    return {"input_ids": list(ids), "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def _first_reply_end(labels: list[int]) -> int:
+    """Index just past the first contiguous run of supervised labels."""
+    started = False
+    for i, lab in enumerate(labels):
+        if lab != IGNORE_INDEX:
+            started = True
+        elif started:
+            return i
+    return len(labels)
+
+
+def supervised_spans(labels: list[int]) -> list[tuple[int, int]]:
+    """Contiguous [start, end) runs of supervised positions in `labels`."""
+    spans, start = [], None
+    for i, lab in enumerate(list(labels) + [IGNORE_INDEX]):
+        if lab != IGNORE_INDEX and start is None:
+            start = i
+        elif lab == IGNORE_INDEX and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
+
+
+def prompt_text(question: str, template: str, processor, system: str | None = None) -> str:
+    """The generation prompt for one question about one image, with a single `<image>` placeholder
+    (the processor expands it, as it does at inference)."""
+    turns = [{"from": HUMAN, "value": IMAGE_PLACEHOLDER + "\n" + question}]
+    eos = processor.tokenizer.eos_token or ""
+    return render(turns, template, eos, IMAGE_PLACEHOLDER, system, processor, add_generation_prompt=True).text

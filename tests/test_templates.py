@@ -1,0 +1,101 @@
+"""Templates and label masking: exact rendered strings of each template, loss only on assistant
+tokens (end-of-turn included), image placeholders expanded as transformers' Llava processor does."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medllava.model import num_image_tokens
+from medllava.templates import (
+    IGNORE_INDEX, TEMPLATES, TooLongError, encode_conversation, prompt_text, render, supervised_spans,
+)
+
+TURNS = [
+    {"from": "human", "value": "What is shown?\n<image>"},
+    {"from": "gpt", "value": "A chest X-ray with a right pleural effusion."},
+    {"from": "human", "value": "Is the heart enlarged?"},
+    {"from": "gpt", "value": "No"},
+]
+
+
+def test_vicuna_v1_matches_llava_format():
+    r = render(TURNS, "vicuna_v1", eos="</s>", system="SYS")
+    assert r.text == (
+        "SYS USER: <image>\nWhat is shown? ASSISTANT: A chest X-ray with a right pleural effusion.</s>"
+        "USER: Is the heart enlarged? ASSISTANT: No</s>"
+    )
+    assert [r.text[a:b] for a, b in r.assistant_spans] == ["A chest X-ray with a right pleural effusion.</s>", "No</s>"]
+
+
+def test_mistral_instruct_matches_llava_med_v15_format():
+    r = render(TURNS, "mistral_instruct", eos="</s>")
+    assert r.text == (
+        "[INST] <image>\nWhat is shown? [/INST] A chest X-ray with a right pleural effusion. </s>"
+        "[INST] Is the heart enlarged? [/INST] No </s>"
+    )
+
+
+def test_plain_keeps_only_image_and_caption():
+    r = render(TURNS[:2], "plain", eos="</s>", image_text="<im><im>")
+    assert r.text == "<im><im>A chest X-ray with a right pleural effusion.\n"
+    with pytest.raises(ValueError, match="one human and one gpt turn"):
+        render(TURNS, "plain", eos="</s>")
+
+
+def test_generation_prompt_ends_where_the_answer_starts(tiny):
+    _, processor = tiny
+    assert prompt_text("Is it normal?", "vicuna_v1", processor).endswith("USER: <image>\nIs it normal? ASSISTANT:")
+    assert prompt_text("Is it normal?", "mistral_instruct", processor) == "[INST] <image>\nIs it normal? [/INST]"
+    assert prompt_text("Is it normal?", "chat_template", processor) == "<s>USER: <image>\nIs it normal? ASSISTANT:"
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_every_label_span_decodes_to_exactly_the_assistant_text(tiny, template):
+    _, processor = tiny
+    tok = processor.tokenizer
+    turns = TURNS[:2] if template == "plain" else TURNS
+    enc = encode_conversation(turns, processor, template, num_image_tokens(processor))
+    assert len(enc["input_ids"]) == len(enc["labels"]) == len(enc["attention_mask"])
+    spans = supervised_spans(enc["labels"])
+    replies = [t["value"] for t in turns if t["from"] == "gpt"]
+    assert len(spans) == len(replies)
+    for (a, b), reply in zip(spans, replies):
+        ids = enc["input_ids"][a:b]
+        assert enc["labels"][a:b] == ids
+        decoded = tok.decode(ids, skip_special_tokens=False)
+        if template == "plain":
+            assert decoded == reply + "\n"
+        else:
+            assert decoded.strip() == reply + (" " if template == "mistral_instruct" else "") + tok.eos_token
+            assert ids[-1] == tok.eos_token_id  # the model learns to stop
+    # nothing outside the spans is supervised: prompts, system text, image tokens
+    supervised = {i for a, b in spans for i in range(a, b)}
+    assert all(lab == IGNORE_INDEX for i, lab in enumerate(enc["labels"]) if i not in supervised)
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "mistral_instruct", "chat_template"])
+def test_image_expansion_matches_the_transformers_processor(tiny, template):
+    _, processor = tiny
+    n = num_image_tokens(processor)
+    enc = encode_conversation(TURNS, processor, template, n)
+    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    assert enc["input_ids"].count(image_id) == n == 16
+    text = render(TURNS, template, eos=processor.tokenizer.eos_token, processor=processor).text
+    image = Image.fromarray((np.random.RandomState(0).rand(40, 30, 3) * 255).astype("uint8"))
+    reference = processor(text=text, images=image, add_special_tokens=template != "chat_template")
+    assert list(reference["input_ids"][0]) == enc["input_ids"]
+
+
+def test_truncation_never_cuts_the_image_or_the_first_reply(tiny):
+    _, processor = tiny
+    n = num_image_tokens(processor)
+    full = encode_conversation(TURNS, processor, "vicuna_v1", n)
+    first_end = supervised_spans(full["labels"])[0][1]
+    cut = encode_conversation(TURNS, processor, "vicuna_v1", n, max_length=first_end + 2)
+    assert len(cut["input_ids"]) == first_end + 2 and cut["input_ids"] == full["input_ids"][: first_end + 2]
+    with pytest.raises(TooLongError, match="first reply"):
+        encode_conversation(TURNS, processor, "vicuna_v1", n, max_length=first_end - 1)
+    with pytest.raises(TooLongError, match="image tokens"):
+        encode_conversation(TURNS, processor, "vicuna_v1", n, max_length=20)
