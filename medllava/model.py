@@ -8,11 +8,10 @@ Weights load from safetensors only (never pickle), and remote code stays off unl
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from medllava.io import atomic_dir
 from medllava.tiny import TINY_SPECS, build_tiny
 
 # What each stage trains, by top-level module of LlavaForConditionalGeneration. Everything else is frozen.
@@ -102,29 +101,13 @@ def check_checkpoint_dir(path: Path) -> None:
 
 
 def save_model(model, processor, out_dir: str | os.PathLike) -> Path:
-    """Save model (safetensors) and processor to `out_dir` atomically.
-
-    Everything is written into a temporary sibling folder that is renamed into place at the end,
-    so an interrupted save never leaves a folder that looks complete.
-    """
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    """Save model (safetensors) and processor to `out_dir` atomically: everything is written into a
+    temporary sibling folder renamed into place at the end, so an interrupted save never leaves a
+    folder that looks complete."""
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)
 
 
 def module_of(param_name: str) -> str:

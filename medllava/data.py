@@ -1,0 +1,122 @@
+"""From records to model batches: encode one record (image + conversation), pad a batch.
+
+An example whose image is missing or unreadable, or that does not fit `max_length`, is never
+trained on as a blank: the encoder raises `SkipExample` with the reason, the dataset returns a
+`{"skip": reason, "detail": ...}` marker in its place (a map dataset cannot shrink), and the
+collator drops and counts the markers, so a long run reports what it skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medllava.model import num_image_tokens
+from medllava.records import image_paths
+from medllava.templates import IGNORE_INDEX, TooLongError, encode_conversation
+
+
+class SkipExample(Exception):
+    """An example that cannot be used; `reason` is a short category for counting."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Encoder:
+    """Encodes records for one model: its processor, template and image settings."""
+
+    processor: object
+    template: str = "vicuna_v1"
+    image_root: Path | None = None
+    max_length: int | None = 2048
+    image_options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.n_image_tokens = num_image_tokens(self.processor)
+
+    def __call__(self, record: dict) -> dict:
+        """Return `input_ids`, `attention_mask`, `labels` (lists, length T) and `pixel_values`
+        (tensor `(n_images, 3, H, W)`, absent for text-only records) for one record."""
+        from medllava.images import ImageLoadError, load_image
+
+        images = []
+        for rel in image_paths(record):
+            path = (self.image_root or Path(".")) / rel
+            if not path.is_file():
+                raise SkipExample("missing image", str(path))
+            try:
+                images.append(load_image(path, **self.image_options))
+            except (ImageLoadError, OSError, ValueError) as e:
+                raise SkipExample("unreadable image", f"{path} ({e})") from None
+        try:
+            enc = encode_conversation(
+                record["conversations"], self.processor, self.template, self.n_image_tokens, max_length=self.max_length,
+            )
+        except TooLongError as e:
+            raise SkipExample("too long", f"record {record['id']}: {e}") from None
+        if images:
+            enc["pixel_values"] = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return enc
+
+
+class EncodedDataset:
+    """A torch-style map dataset over records (a `datasets.Dataset` or a list) that encodes lazily.
+
+    Items that cannot be used come back as a `{"skip": reason, "detail": ...}` marker.
+    """
+
+    def __init__(self, records, encoder: Encoder):
+        self.records = records
+        self.encoder = encoder
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        record = self.records[i]
+        if "images" in record and "image" not in record:
+            record = dict(record, image=record["images"])
+        try:
+            return dict(self.encoder(record), id=record["id"])
+        except SkipExample as e:
+            return {"id": record["id"], "skip": e.reason, "detail": e.detail}
+
+
+@dataclass
+class Collator:
+    """Pads a list of encoded examples into a batch, dropping skipped ones.
+
+    Batch: `input_ids`, `attention_mask`, `labels` `(B, T)`; `pixel_values` `(N_images, 3, H, W)` in
+    the order the `<image>` tokens appear; `example_ids` (the kept examples' ids) and `skipped`
+    (`(reason, detail)` of the dropped ones), which travel with the batch so that counts survive
+    dataloader worker processes. Pop those two before calling the model.
+    """
+
+    pad_token_id: int
+    padding_side: str = "right"
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        kept = [f for f in features if "skip" not in f]
+        skipped = [(f["skip"], f["detail"]) for f in features if "skip" in f]
+        if not kept:
+            return {"input_ids": torch.empty(0, 0, dtype=torch.long), "example_ids": [], "skipped": skipped}
+        width = max(len(f["input_ids"]) for f in kept)
+        batch = {"input_ids": [], "attention_mask": [], "labels": []}
+        for f in kept:
+            pad = width - len(f["input_ids"])
+            for key, value in (("input_ids", self.pad_token_id), ("attention_mask", 0), ("labels", IGNORE_INDEX)):
+                seq = list(f[key])
+                batch[key].append(seq + [value] * pad if self.padding_side == "right" else [value] * pad + seq)
+        out = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+        pixels = [f["pixel_values"] for f in kept if "pixel_values" in f]
+        if pixels:
+            out["pixel_values"] = torch.cat(pixels, dim=0)
+        out["example_ids"] = [f.get("id") for f in kept]
+        out["skipped"] = skipped
+        return out
