@@ -16,6 +16,7 @@ from medllava import __version__
 # Modules that expose `register(subparsers)`. Only commands that work are listed here.
 COMMAND_MODULES = [
     "medllava.commands",
+    "finetune.adapt",
 ]
 
 

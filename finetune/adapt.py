@@ -1,0 +1,96 @@
+"""`medllava adapt`: LLaVA-Med's curriculum from a general LLaVA checkpoint.
+
+Stage 1 (`align`) trains the projector on figure-caption pairs; stage 2 (`instruct`) starts from
+stage 1's model and trains projector + language model on instruction conversations. Each stage
+writes into its own folder under the run directory, and a finished stage is never redone, so the
+same command, run again after a crash, picks up where the run stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from finetune.config import AdaptConfig
+from medllava.config import ConfigError, add_config_help, dump_yaml, load_config, to_dict
+from medllava.io import atomic_write_text
+
+STAGES = ("align", "instruct")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "adapt",
+        help="run the two-stage curriculum (concept alignment, then instruction tuning)",
+        description=__doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", type=Path, required=True, help="YAML config (see finetune/configs/)")
+    p.add_argument("--stage", choices=STAGES, help="run one stage only (default: both, in order)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. instruct.epochs=1")
+    add_config_help(p, AdaptConfig)
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = load_config(AdaptConfig, args.config, args.overrides)
+    command = " ".join(["medllava adapt --config", str(args.config), *(["--stage", args.stage] if args.stage else []), *args.overrides])
+    run_adapt(cfg, [args.stage] if args.stage else list(STAGES), command)
+    return 0
+
+
+def run_adapt(cfg: AdaptConfig, stages: list[str], command: str = "") -> dict[str, dict]:
+    """Run `stages` of the curriculum; returns each stage's completion record."""
+    from finetune.stages import RunSettings, run_stage
+    from finetune.trainer import is_main_process
+
+    run_dir = Path(cfg.run_dir)
+    _claim_run_dir(run_dir, cfg, command, is_main_process())
+    settings = RunSettings(seed=cfg.seed, bf16=cfg.bf16, deepspeed=cfg.deepspeed, report_to=tuple(cfg.report_to))
+    records = {}
+    for name in stages:
+        start = cfg.model
+        if name == "instruct":
+            aligned = run_dir / "align" / "model"
+            if aligned.is_dir():
+                start = dataclasses.replace(cfg.model, name_or_path=str(aligned))
+            elif is_main_process():
+                print(f"[instruct] no stage-1 model in {aligned}; starting from {cfg.model.name_or_path}", flush=True)
+        records[name] = run_stage(name, getattr(cfg, name), start, settings, run_dir / name)
+        if is_main_process():
+            r = records[name]
+            print(f"[{name}] done: {r['steps']} steps, train loss {r['train_loss']:.4f}, output in {run_dir / name}", flush=True)
+    return records
+
+
+def _claim_run_dir(run_dir: Path, cfg: AdaptConfig, command: str, main_process: bool) -> None:
+    """Write config.yaml into the run directory, or check that a resumed run uses the same config.
+
+    Resuming with a different config would mix two runs in one folder; it is refused, naming the
+    fields that differ.
+    """
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        previous = load_config(AdaptConfig, saved)
+        before, after = _flatten(to_dict(previous)), _flatten(to_dict(cfg))
+        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        if changed:
+            raise ConfigError(
+                f"{saved}: this run directory holds a run with a different config ({', '.join(changed)}); "
+                "use a new run_dir, or the same config to resume"
+            )
+        return
+    if main_process:
+        header = f"Started by: {command or 'medllava adapt'}\nReproduce with: medllava adapt --config {saved}"
+        atomic_write_text(saved, dump_yaml(cfg, header=header))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

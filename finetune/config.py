@@ -1,0 +1,142 @@
+"""Configs of the curriculum: typed dataclasses whose field docstrings become `--help` and the
+comments of the `config.yaml` written into every run directory.
+
+Defaults are LLaVA-Med's recipe: stage 1 trains the projector only (lr 2e-3, 1 epoch, global batch
+128, 3% warmup, cosine, no weight decay); stage 2 trains projector + language model (lr 2e-5,
+3 epochs, global batch 128); max length 2048; bf16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from medllava.model import ModelConfig
+
+LLM_LINEAR_LAYERS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """Conversation file in LLaVA format (JSON array or JSONL), e.g. llava_med_alignment_500k.json."""
+
+    image_root: str = ""
+    """Folder the records' image paths are relative to."""
+
+    template: str = "vicuna_v1"
+    """Conversation template: vicuna_v1, mistral_instruct, plain or chat_template."""
+
+    max_length: int = 2048
+    """Token limit per example; longer examples are cut after the first reply, or skipped."""
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    """Train low-rank adapters on the language model instead of all its weights."""
+
+    r: int = 128
+    """Adapter rank."""
+
+    alpha: int = 256
+    """Adapter scaling numerator (scale = alpha / r)."""
+
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+
+    target_modules: list[str] = field(default_factory=lambda: list(LLM_LINEAR_LAYERS))
+    """Linear layers of the language model that get adapters."""
+
+    quantize_4bit: bool = False
+    """QLoRA: load the frozen language model in 4-bit NF4 (needs a CUDA GPU and bitsandbytes)."""
+
+    merge: bool = False
+    """Also save a checkpoint with the adapters merged into the weights."""
+
+
+@dataclass
+class StageConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    """The stage's training data."""
+
+    train_modules: list[str] = field(default_factory=list)
+    """Modules to train (vision_tower, multi_modal_projector, language_model, lm_head); empty = the stage's
+    entry in medllava.model.TRAINABLE."""
+
+    learning_rate: float = 2e-5
+    """Peak learning rate."""
+
+    epochs: float = 3.0
+    """Passes over the data."""
+
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1: run all epochs)."""
+
+    global_batch_size: int = 128
+    """Examples per optimizer step over all devices; gradient accumulation makes up the difference."""
+
+    per_device_batch_size: int = 16
+    """Examples per forward pass on one device."""
+
+    warmup_ratio: float = 0.03
+    """Fraction of the steps spent warming the learning rate up linearly."""
+
+    lr_scheduler: str = "cosine"
+    """Learning-rate schedule after warmup (a transformers scheduler name)."""
+
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass to save memory."""
+
+    save_steps: int = 500
+    """Save a resumable checkpoint every this many optimizer steps."""
+
+    save_total_limit: int = 2
+    """Keep at most this many resumable checkpoints."""
+
+    logging_steps: int = 10
+    """Log loss and learning rate every this many steps."""
+
+    dataloader_workers: int = 4
+    """Processes decoding images and tokenising in the background."""
+
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Low-rank adapters (LoRA / QLoRA) instead of full training of the language model."""
+
+
+def _align_defaults() -> StageConfig:
+    return StageConfig(
+        data=DataConfig(template="plain"),
+        learning_rate=2e-3,
+        epochs=1.0,
+        gradient_checkpointing=False,
+    )
+
+
+@dataclass
+class AdaptConfig:
+    run_dir: str = "runs/adapt"
+    """Run directory: align/ and instruct/ are written inside it, with config.yaml."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The starting point: a general llava-hf checkpoint folder (or a named tiny model for trials)."""
+
+    seed: int = 42
+    """Seed for weights of new modules, data order and dropout."""
+
+    bf16: bool = True
+    """Train in bfloat16 mixed precision (ignored on a CPU without bf16 support)."""
+
+    deepspeed: str | None = None
+    """DeepSpeed JSON config (e.g. finetune/configs/zero2.json) for several GPUs or nodes."""
+
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Where training metrics go (tensorboard, none, ...)."""
+
+    align: StageConfig = field(default_factory=_align_defaults)
+    """Stage 1: concept alignment on figure-caption pairs."""
+
+    instruct: StageConfig = field(default_factory=StageConfig)
+    """Stage 2: instruction tuning on teacher-written conversations."""

@@ -1,0 +1,186 @@
+"""One curriculum stage, top to bottom: load the starting model, freeze, add adapters, read the
+data, train (resuming if a checkpoint exists), save, mark the stage done.
+
+Stage folder layout (`<run_dir>/<stage>/`):
+    checkpoints/checkpoint-N/   resumable Trainer checkpoints (with a completion marker)
+    model/                      full llava-hf checkpoint (stage 2 with LoRA: only if merge is on)
+    adapter/                    LoRA adapter (+ projector) when LoRA is on
+    projector.safetensors       the projector alone (stage 1), small enough to share
+    data_order.jsonl            which examples every optimizer step saw
+    stage_complete.json         written last: a stage with it is never redone
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune.config import LoraConfig, StageConfig
+from finetune.trainer import build_trainer, complete_checkpoints, is_main_process, world_size
+from medllava.io import atomic_write_json
+from medllava.model import TRAINABLE, ModelConfig, build_model, module_of, save_model, set_trainable
+
+log = logging.getLogger(__name__)
+
+STAGE_DONE = "stage_complete.json"
+
+
+@dataclass
+class RunSettings:
+    """Run-wide settings a stage needs besides its own config."""
+
+    seed: int = 42
+    bf16: bool = True
+    deepspeed: str | None = None
+    report_to: tuple[str, ...] = ("tensorboard",)
+
+
+def stage_done(out_dir: Path) -> dict | None:
+    """The completion record of a finished stage, or None."""
+    import json
+
+    marker = out_dir / STAGE_DONE
+    return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def run_stage(name: str, stage: StageConfig, start: ModelConfig, run: RunSettings, out_dir: Path) -> dict:
+    """Train one stage from `start` into `out_dir`; returns the stage's completion record."""
+    from transformers import set_seed
+
+    done = stage_done(out_dir)
+    if done is not None:
+        log.info("stage %s already complete in %s; not redone", name, out_dir)
+        return done
+    set_seed(run.seed)
+    # The model comes first: the processor it brings decides tokenisation and image size of the data.
+    model, processor = build_model(start)
+    modules = tuple(stage.train_modules) or TRAINABLE[name]
+    set_trainable(model, modules)
+    if stage.lora.enabled:
+        model = apply_lora(model, stage.lora, modules)
+    dataset, data_report = prepare_dataset(stage, processor, out_dir)
+    if len(dataset) == 0:
+        raise ValueError(f"stage {name}: no usable examples in {stage.data.path}\n{data_report['summary']}")
+    from medllava.data import Collator
+
+    collator = Collator(pad_token_id=processor.tokenizer.pad_token_id)
+    trainer, trace, accumulation = build_trainer(model, processor, dataset, collator, stage, out_dir, run)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    if is_main_process():
+        print(
+            f"[{name}] {len(dataset)} examples; effective global batch {stage.per_device_batch_size} per device"
+            f" x {world_size()} processes x {accumulation} accumulation = {stage.global_batch_size};"
+            f" training {', '.join(modules)}{' with LoRA' if stage.lora.enabled else ''}:"
+            f" {trainable:,} of {total:,} parameters",
+            flush=True,
+        )
+    checkpoints = complete_checkpoints(out_dir / "checkpoints")
+    resume = str(checkpoints[-1]) if checkpoints else None
+    if resume and is_main_process():
+        print(f"[{name}] resuming from {resume}", flush=True)
+    result = trainer.train(resume_from_checkpoint=resume)
+    record = {
+        "stage": name,
+        "steps": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "examples": len(dataset),
+        "data": data_report,
+        "skipped_in_batches": dict(trace.skipped),
+        "skipped_examples": trace.skipped_examples,
+        "trained_modules": list(modules),
+        "lora": stage.lora.enabled,
+    }
+    if is_main_process():
+        save_outputs(name, trainer.model, processor, stage.lora, out_dir)
+        atomic_write_json(out_dir / STAGE_DONE, record)
+    _barrier()
+    return record
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def apply_lora(model, lora: LoraConfig, modules: tuple[str, ...]):
+    """Wrap the language model's linear layers with LoRA adapters; other trained modules
+    (the projector) are trained in full and saved with the adapter."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    layers = "|".join(lora.target_modules)
+    peft_config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        # Only the language model's projections: the vision tower has layers with the same names.
+        target_modules=rf".*language_model.*\.({layers})$",
+        modules_to_save=[m for m in modules if m not in ("language_model", "lm_head")] or None,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_config)
+
+
+def prepare_dataset(stage: StageConfig, processor, out_dir: Path):
+    """Read the stage's records into Arrow, drop those whose images are missing (counted and
+    reported with the first few paths), and wrap them for lazy encoding."""
+    from medllava.data import EncodedDataset, Encoder
+    from medllava.records import ReadReport, load_records
+
+    if not stage.data.path:
+        raise ValueError("data.path is not set: name the conversation file of this stage")
+    image_root = Path(stage.data.image_root or Path(stage.data.path).parent)
+    read = ReadReport()
+    rank = os.environ.get("RANK", "0")
+    records = load_records(stage.data.path, cache_dir=out_dir / ".cache" / f"rank{rank}", skip_bad=True, report=read)
+    missing: list[str] = []
+
+    def has_images(rec) -> bool:
+        absent = [p for p in rec["images"] if not (image_root / p).is_file()]
+        missing.extend(str(image_root / p) for p in absent)
+        return not absent
+
+    records = records.filter(has_images, load_from_cache_file=False, desc="checking images")
+    report = {
+        "records_read": read.read,
+        "records_invalid": len(read.skipped),
+        "invalid_examples": read.skipped[:5],
+        "missing_images": len(missing),
+        "missing_image_examples": missing[:5],
+        "usable": len(records),
+    }
+    report["summary"] = (
+        f"{read.read} records read, {len(read.skipped)} invalid, {len(missing)} with missing images, "
+        f"{len(records)} usable" + "".join(f"\n  {m}" for m in (read.skipped[:3] + missing[:3]))
+    )
+    if is_main_process():
+        print(f"[data] {report['summary']}", flush=True)
+    encoder = Encoder(processor, template=stage.data.template, image_root=image_root, max_length=stage.data.max_length)
+    return EncodedDataset(records, encoder), report
+
+
+def save_outputs(name: str, model, processor, lora: LoraConfig, out_dir: Path) -> None:
+    """Save what the stage produced (see the module docstring for the layout), each atomically."""
+    from safetensors.torch import save
+
+    from medllava.io import atomic_dir, atomic_open
+
+    if lora.enabled:
+        with atomic_dir(out_dir / "adapter") as tmp:
+            model.save_pretrained(tmp)
+        if lora.merge:
+            save_model(model.merge_and_unload(), processor, out_dir / "model")
+        return
+    if name == "align":
+        projector = {
+            n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
+            if module_of(n) == "multi_modal_projector"
+        }
+        with atomic_open(out_dir / "projector.safetensors", "wb") as f:
+            f.write(save(projector))
+    save_model(model, processor, out_dir / "model")

@@ -1,0 +1,169 @@
+"""The one training wrapper every stage and task head uses: `transformers.Trainer` + PEFT + DeepSpeed.
+
+`build_trainer` turns a StageConfig into TrainingArguments and a Trainer whose only addition is
+bookkeeping: each batch carries the ids of its examples and of the examples that were skipped
+(missing or unreadable images, too long); the trainer strips them before the forward pass, records
+which examples every optimizer step saw (`data_order.jsonl`, written by rank 0 with every rank's
+shard), and counts what was skipped. Checkpoints get a completion marker once the Trainer's save
+has returned, so a run killed mid-save never resumes from a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+from finetune.config import StageConfig
+from medllava.io import JsonlLog, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "checkpoint_complete.json"
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def gradient_accumulation(stage: StageConfig, n_processes: int) -> int:
+    """Accumulation steps that make `global_batch_size` from the per-device batch and the process count."""
+    per_step = stage.per_device_batch_size * n_processes
+    if stage.global_batch_size % per_step:
+        raise ValueError(
+            f"global_batch_size {stage.global_batch_size} is not a multiple of per_device_batch_size "
+            f"{stage.per_device_batch_size} x {n_processes} processes"
+        )
+    return stage.global_batch_size // per_step
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """Resumable checkpoints under `folder`, oldest first. Incomplete ones (killed mid-save) are
+    removed by the main process, so the Trainer's own rotation never counts them."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.glob("checkpoint-*"):
+        if not path.is_dir() or not path.name.split("-")[-1].isdigit():
+            continue
+        if (path / COMPLETE_MARKER).is_file():
+            found.append(path)
+        elif is_main_process():
+            log.warning("removing incomplete checkpoint %s (the run was stopped while saving it)", path)
+            shutil.rmtree(path, ignore_errors=True)
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+class StepTrace:
+    """Example ids seen in the current optimizer step, and skip counts, for this process."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.ids: list[str] = []
+        self.skipped: Counter = Counter()
+        self.skipped_examples: list[str] = []
+
+    def add(self, ids: list[str], skipped: list[tuple[str, str]]) -> None:
+        self.ids.extend(ids)
+        for reason, detail in skipped:
+            self.skipped[reason] += 1
+            if len(self.skipped_examples) < 20:
+                self.skipped_examples.append(f"{reason}: {detail}")
+
+    def flush(self, step: int) -> None:
+        """Write the step's ids from every rank (gathered to rank 0), then start the next step."""
+        shards = [self.ids]
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            shards = [None] * dist.get_world_size()
+            dist.all_gather_object(shards, self.ids)
+        if is_main_process():
+            with JsonlLog(self.path) as trace:
+                trace.append({"step": step, "ids": shards[0] if len(shards) == 1 else shards})
+        self.ids = []
+
+
+def read_trace(path: Path) -> dict[int, list]:
+    """The data-order trace: optimizer step -> example ids (a list per rank when distributed).
+    A step written again after a resume replaces the earlier line."""
+    order: dict[int, list] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                order[row["step"]] = row["ids"]
+    return order
+
+
+def build_trainer(model, processor, train_dataset, collator, stage: StageConfig, out_dir: Path, run):
+    """A Trainer for one stage. `run` carries run-wide settings: seed, bf16, deepspeed, report_to."""
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    trace = StepTrace(out_dir / "data_order.jsonl")
+
+    class Bookkeeping(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            trace.flush(state.global_step)
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                atomic_write_json(ckpt / COMPLETE_MARKER, {"global_step": state.global_step})
+
+    class TracingTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            trace.add(inputs.pop("example_ids"), inputs.pop("skipped"))
+            if inputs["input_ids"].numel() == 0:
+                # Every example of this micro-batch was skipped: a zero loss keeps all ranks in step.
+                zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+                return (zero, None) if return_outputs else zero
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    accumulation = gradient_accumulation(stage, world_size())
+    on_gpu = torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=str(out_dir / "checkpoints"),
+        per_device_train_batch_size=stage.per_device_batch_size,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=stage.learning_rate,
+        num_train_epochs=stage.epochs,
+        max_steps=stage.max_steps,
+        warmup_steps=stage.warmup_ratio,
+        lr_scheduler_type=stage.lr_scheduler,
+        weight_decay=stage.weight_decay,
+        bf16=run.bf16 and (not on_gpu or torch.cuda.is_bf16_supported()),
+        gradient_checkpointing=stage.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if stage.gradient_checkpointing else None,
+        save_strategy="steps",
+        save_steps=stage.save_steps,
+        save_total_limit=stage.save_total_limit,
+        logging_steps=stage.logging_steps,
+        logging_first_step=True,
+        report_to=list(run.report_to),
+        seed=run.seed,
+        data_seed=run.seed,
+        dataloader_num_workers=stage.dataloader_workers,
+        remove_unused_columns=False,
+        deepspeed=run.deepspeed,
+        ddp_backend="gloo" if world_size() > 1 and not on_gpu else None,
+        ddp_find_unused_parameters=False,
+        use_cpu=not on_gpu,
+    )
+    trainer = TracingTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        data_collator=collator,
+        processing_class=processor,
+        callbacks=[Bookkeeping()],
+    )
+    return trainer, trace, accumulation

@@ -1,0 +1,215 @@
+"""The curriculum on the tiny model, on CPU: what each stage trains moves and nothing else does, loss
+falls, a killed run resumes to the same steps and data order, two processes shard the data, shipped
+configs load."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from finetune.adapt import run_adapt
+from finetune.config import AdaptConfig
+from finetune.trainer import COMPLETE_MARKER, complete_checkpoints, read_trace
+from medllava.commands import demo_data
+from medllava.config import ConfigError, from_dict, load_config
+from medllava.model import ModelConfig, build_model, module_of
+
+REPO = Path(__file__).resolve().parents[1]
+DATA, IMAGES = demo_data()
+
+
+def stage(path=DATA, **overrides):
+    base = {
+        "data": {"path": str(path), "image_root": str(IMAGES), "template": "vicuna_v1"},
+        "max_steps": 3, "global_batch_size": 4, "per_device_batch_size": 2, "save_steps": 100,
+        "logging_steps": 1, "dataloader_workers": 0, "gradient_checkpointing": False, "learning_rate": 1e-2,
+    }
+    base.update(overrides)
+    return base
+
+
+def config(run_dir, **overrides) -> dict:
+    cfg = {"run_dir": str(run_dir), "model": {"name_or_path": "tiny"}, "bf16": False, "report_to": ["none"],
+           "align": stage(), "instruct": stage()}
+    cfg.update(overrides)
+    return cfg
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    """A saved checkpoint's weights under the in-memory parameter names."""
+    model, _ = build_model(ModelConfig(name_or_path=str(folder)))
+    return {n: p.detach() for n, p in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def start_weights():
+    model, _ = build_model(ModelConfig(name_or_path="tiny"))
+    return {n: p.detach().clone() for n, p in model.state_dict().items()}
+
+
+def changed_modules(before: dict, after: dict) -> set[str]:
+    assert before.keys() == after.keys()
+    return {module_of(n) for n in before if not torch.equal(before[n], after[n])}
+
+
+def test_full_curriculum_trains_what_the_table_says(tmp_path, start_weights):
+    cfg = from_dict(AdaptConfig, config(tmp_path / "run"))
+    records = run_adapt(cfg, ["align", "instruct"])
+    run = tmp_path / "run"
+    aligned = weights(run / "align" / "model")
+    assert changed_modules(start_weights, aligned) == {"multi_modal_projector"}
+    projector = load_file(str(run / "align" / "projector.safetensors"))
+    assert projector and all(module_of(n) == "multi_modal_projector" for n in projector)
+    assert all(torch.equal(projector[n], aligned[n]) for n in projector)
+    instructed = weights(run / "instruct" / "model")
+    assert changed_modules(aligned, instructed) == {"multi_modal_projector", "language_model", "lm_head"}
+    assert records["instruct"]["steps"] == 3 and (run / "instruct" / "stage_complete.json").is_file()
+    # The saved config reproduces the run, and a finished stage is not redone.
+    assert load_config(AdaptConfig, run / "config.yaml") == cfg
+    mtime = (run / "align" / "model" / "model.safetensors").stat().st_mtime_ns
+    run_adapt(cfg, ["align"])
+    assert (run / "align" / "model" / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_lora_stage_keeps_the_vision_tower_and_saves_a_small_adapter(tmp_path, start_weights):
+    lora = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "merge": True}
+    cfg = from_dict(AdaptConfig, config(tmp_path / "run", instruct=stage(lora=lora)))
+    run_adapt(cfg, ["instruct"])
+    out = tmp_path / "run" / "instruct"
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert any("lora_A" in n for n in adapter) and any("multi_modal_projector" in n for n in adapter)
+    assert not any("vision_tower" in n for n in adapter)
+    merged = weights(out / "model")
+    assert changed_modules(start_weights, merged) == {"multi_modal_projector", "language_model"}
+
+
+def test_loss_falls_on_a_set_the_model_can_overfit(tmp_path):
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()][:2]
+    small = tmp_path / "two.jsonl"
+    small.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = from_dict(AdaptConfig, config(tmp_path / "run", instruct=stage(
+        small, max_steps=40, global_batch_size=2, learning_rate=3e-3, warmup_ratio=0.0, lr_scheduler="constant")))
+    run_adapt(cfg, ["instruct"])
+    state = json.loads(next((tmp_path / "run" / "instruct" / "checkpoints").glob("*/trainer_state.json")).read_text())
+    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    assert losses[0] > 5.5 and losses[-1] < 0.5 * losses[0]
+
+
+def test_resuming_with_a_different_config_is_refused(tmp_path):
+    run_adapt(from_dict(AdaptConfig, config(tmp_path / "run")), ["align"])
+    changed = from_dict(AdaptConfig, config(tmp_path / "run", seed=7))
+    with pytest.raises(ConfigError, match=r"different config \(seed\)"):
+        run_adapt(changed, ["align"])
+
+
+def test_incomplete_checkpoints_are_never_resumed_from(tmp_path):
+    for step, complete in ((2, True), (4, False)):
+        ckpt = tmp_path / f"checkpoint-{step}"
+        ckpt.mkdir()
+        (ckpt / "model.safetensors").write_bytes(b"")
+        if complete:
+            (ckpt / COMPLETE_MARKER).write_text("{}")
+    assert complete_checkpoints(tmp_path) == [tmp_path / "checkpoint-2"]
+    assert not (tmp_path / "checkpoint-4").exists()
+
+
+def cli(*args, env=None):
+    return [sys.executable, "-m", "medllava.cli", *args]
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
+    long = stage(max_steps=24, save_steps=1, save_total_limit=2, learning_rate=1e-3)
+    ref = write_config(tmp_path / "ref.yaml", config(tmp_path / "ref", instruct=long))
+    killed = write_config(tmp_path / "killed.yaml", config(tmp_path / "killed", instruct=long))
+    ckpts = tmp_path / "killed" / "instruct" / "checkpoints"
+    proc = subprocess.Popen(cli("adapt", "--config", str(killed), "--stage", "instruct"), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(ckpts.glob(f"checkpoint-*/{COMPLETE_MARKER}")):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = complete_checkpoints(ckpts)
+    assert done and int(done[-1].name.split("-")[1]) < 24, "the run was not killed mid-way"
+    assert not (tmp_path / "killed" / "instruct" / "stage_complete.json").exists()
+    subprocess.run(cli("adapt", "--config", str(killed), "--stage", "instruct"), cwd=REPO, check=True,
+                   capture_output=True)
+    subprocess.run(cli("adapt", "--config", str(ref), "--stage", "instruct"), cwd=REPO, check=True,
+                   capture_output=True)
+    resumed = json.loads((tmp_path / "killed" / "instruct" / "stage_complete.json").read_text())
+    reference = json.loads((tmp_path / "ref" / "instruct" / "stage_complete.json").read_text())
+    assert resumed["steps"] == reference["steps"] == 24
+    order = read_trace(tmp_path / "killed" / "instruct" / "data_order.jsonl")
+    assert order == read_trace(tmp_path / "ref" / "instruct" / "data_order.jsonl") and len(order) == 24
+    a, b = weights(tmp_path / "killed" / "instruct" / "model"), weights(tmp_path / "ref" / "instruct" / "model")
+    assert all(torch.allclose(a[n], b[n], atol=1e-5) for n in a)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_shard_the_data(tmp_path):
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()][:8]
+    eight = tmp_path / "eight.jsonl"
+    eight.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = write_config(tmp_path / "c.yaml", config(tmp_path / "run", instruct=stage(eight, max_steps=-1, epochs=1)))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                "--master-port", str(free_port()), "-m", "medllava.cli"]
+    out = subprocess.run([*launcher, "adapt", "--config", str(cfg), "--stage", "instruct"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 processes x 1 accumulation = 4" in out.stdout
+    order = read_trace(tmp_path / "run" / "instruct" / "data_order.jsonl")
+    assert len(order) == 2  # 8 examples, 4 per optimizer step over both ranks
+    seen = []
+    for shards in order.values():
+        assert len(shards) == 2 and not set(shards[0]) & set(shards[1])
+        seen += shards[0] + shards[1]
+    assert sorted(seen) == sorted(r["id"] for r in rows)  # each example once: sharded, not repeated
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "finetune" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# medllava adapt --config finetune/configs/"), "a config starts with its command"
+    cfg = load_config(AdaptConfig, path)
+    if cfg.deepspeed:
+        assert (REPO / cfg.deepspeed).is_file()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "finetune" / "configs").glob("*.json")), ids=lambda p: p.name)
+def test_every_shipped_deepspeed_config_parses(path):
+    ds = json.loads(path.read_text())
+    assert ds["zero_optimization"]["stage"] in (2, 3) and ds["train_micro_batch_size_per_gpu"] == "auto"
+
+
+def test_deepspeed_zero2_runs_on_cpu(tmp_path):
+    pytest.importorskip("deepspeed")
+    cfg = write_config(tmp_path / "c.yaml", config(tmp_path / "run", deepspeed=str(REPO / "finetune/configs/zero2.json")))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
+                "--master-port", str(free_port()), "-m", "medllava.cli"]
+    out = subprocess.run([*launcher, "adapt", "--config", str(cfg), "--stage", "instruct"], cwd=REPO,
+                         capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ckpt = tmp_path / "run" / "instruct" / "checkpoints" / "checkpoint-3"
+    assert (ckpt / "global_step3").is_dir()  # DeepSpeed's own optimizer-state layout: ZeRO really ran
+    assert (tmp_path / "run" / "instruct" / "model" / "model.safetensors").is_file()
