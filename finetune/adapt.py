@@ -60,7 +60,14 @@ def run_adapt(cfg: AdaptConfig, stages: list[str], command: str = "") -> dict[st
         records[name] = run_stage(name, getattr(cfg, name), start, settings, run_dir / name)
         if is_main_process():
             r = records[name]
-            print(f"[{name}] done: {r['steps']} steps, train loss {r['train_loss']:.4f}, output in {run_dir / name}", flush=True)
+            skipped = ", ".join(f"{k}: {v}" for k, v in r["skipped_in_batches"].items()) or "none"
+            print(
+                f"[{name}] done: {r['steps']} steps, train loss {r['train_loss']:.4f}; skipped while training: {skipped};"
+                f" output in {run_dir / name}",
+                flush=True,
+            )
+            for example in r["skipped_examples"][:5]:
+                print(f"  skipped {example}", flush=True)
     return records
 
 

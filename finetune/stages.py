@@ -55,9 +55,16 @@ def run_stage(name: str, stage: StageConfig, start: ModelConfig, run: RunSetting
         return done
     set_seed(run.seed)
     # The model comes first: the processor it brings decides tokenisation and image size of the data.
-    model, processor = build_model(start)
+    if stage.lora.quantize_4bit and not stage.lora.enabled:
+        raise ValueError(f"stage {name}: lora.quantize_4bit needs lora.enabled (QLoRA trains adapters on a 4-bit model)")
+    model, processor = build_model(start, quantize_4bit=stage.lora.quantize_4bit)
     modules = tuple(stage.train_modules) or TRAINABLE[name]
     set_trainable(model, modules)
+    if stage.lora.quantize_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=stage.gradient_checkpointing)
+        set_trainable(model, modules)
     if stage.lora.enabled:
         model = apply_lora(model, stage.lora, modules)
     dataset, data_report = prepare_dataset(stage, processor, out_dir)

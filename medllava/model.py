@@ -46,10 +46,17 @@ class ModelConfig:
     """Seed for the random weights of a named model."""
 
 
-def build_model(cfg: ModelConfig):
-    """Return `(model, processor)` for `cfg`; the model is in eval mode."""
+def build_model(cfg: ModelConfig, quantize_4bit: bool = False):
+    """Return `(model, processor)` for `cfg`; the model is in eval mode.
+
+    `quantize_4bit` loads the language model's linear layers in 4-bit NF4 (QLoRA); it needs a CUDA GPU
+    and bitsandbytes, and leaves the vision tower and projector unquantised.
+    """
     dtype = _dtype(cfg.dtype)
+    quantization = _nf4_config(dtype) if quantize_4bit else None
     if cfg.name_or_path in TINY_SPECS:
+        if quantization is not None:
+            raise ValueError("4-bit loading needs a checkpoint folder; save the named model first")
         model, processor = build_tiny(cfg.name_or_path, seed=cfg.seed)
         model.set_attn_implementation(cfg.attn_implementation)
         return model.to(dtype), processor
@@ -63,9 +70,31 @@ def build_model(cfg: ModelConfig):
         use_safetensors=True,
         trust_remote_code=cfg.trust_remote_code,
         attn_implementation=cfg.attn_implementation,
+        quantization_config=quantization,
     )
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     return model.eval(), processor
+
+
+def _nf4_config(compute_dtype):
+    """QLoRA's quantisation: NF4 with double quantisation, the vision side kept in full precision."""
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError("4-bit (QLoRA) training needs a CUDA GPU; use LoRA (lora.quantize_4bit=false) on this machine")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("4-bit (QLoRA) training needs bitsandbytes: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"],
+    )
 
 
 def _dtype(name: str):

@@ -213,3 +213,16 @@ def test_deepspeed_zero2_runs_on_cpu(tmp_path):
     ckpt = tmp_path / "run" / "instruct" / "checkpoints" / "checkpoint-3"
     assert (ckpt / "global_step3").is_dir()  # DeepSpeed's own optimizer-state layout: ZeRO really ran
     assert (tmp_path / "run" / "instruct" / "model" / "model.safetensors").is_file()
+
+
+def test_qlora_without_a_gpu_says_what_it_needs(tmp_path, tiny_checkpoint):
+    qlora = {"enabled": True, "quantize_4bit": True}
+    cfg = from_dict(AdaptConfig, config(tmp_path / "run", model={"name_or_path": str(tiny_checkpoint)},
+                                        instruct=stage(lora=qlora)))
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: QLoRA would run")
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        run_adapt(cfg, ["instruct"])
+    with pytest.raises(ValueError, match="needs lora.enabled"):
+        run_adapt(from_dict(AdaptConfig, config(tmp_path / "run2", instruct=stage(lora={"quantize_4bit": True}))),
+                  ["instruct"])
