@@ -17,6 +17,7 @@ from medllava import __version__
 COMMAND_MODULES = [
     "medllava.commands",
     "finetune.adapt",
+    "curation.cli",
     "eval.cli",
 ]
 

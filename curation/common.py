@@ -1,0 +1,105 @@
+"""What every curation step shares: the end-of-run count report and reading figure records.
+
+A step never dies on one bad record: it counts it under a reason, keeps a few examples, and
+prints the tally at the end, so a 15M-record run tells exactly what it dropped and why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+from medllava.io import DataError, read_jsonl
+
+from curation.sources import is_llava_med_record, llava_med_to_figure
+
+
+class StepReport:
+    """Counts for one step: items read and written, and skipped items per reason (with examples)."""
+
+    def __init__(self, step: str, unit: str = "records", examples: int = 5, log_skips: bool = False):
+        self.step = step
+        self.unit = unit
+        self.read = 0
+        self.written = 0
+        self.notes: Counter[str] = Counter()
+        self.skipped: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = {}
+        self._max_examples = examples
+        # Every skip with its detail, for steps that write the full list beside their output.
+        self.skip_log: list[dict] | None = [] if log_skips else None
+
+    def skip(self, reason: str, example: str | None = None) -> None:
+        self.skipped[reason] += 1
+        if self.skip_log is not None:
+            self.skip_log.append({"reason": reason, "detail": example})
+        if example is not None:
+            shown = self.examples.setdefault(reason, [])
+            if len(shown) < self._max_examples:
+                shown.append(example)
+
+    def merge(self, other: "StepReport") -> None:
+        """Add the counts of a report made elsewhere (e.g. in a worker process)."""
+        self.read += other.read
+        self.written += other.written
+        self.notes.update(other.notes)
+        self.skipped.update(other.skipped)
+        for reason, shown in other.examples.items():
+            mine = self.examples.setdefault(reason, [])
+            mine += shown[:self._max_examples - len(mine)]
+        if self.skip_log is not None and other.skip_log:
+            self.skip_log += other.skip_log
+
+    def note(self, what: str, n: int = 1) -> None:
+        """Count something worth reporting that is not a skip (e.g. figures without an image file)."""
+        self.notes[what] += n
+
+    def summary(self) -> str:
+        lines = [f"{self.step}: {self.read} {self.unit} read, {self.written} written, "
+                 f"{sum(self.skipped.values())} skipped"]
+        for reason, n in self.skipped.most_common():
+            lines.append(f"  skipped {n}: {reason}")
+            lines += [f"    e.g. {ex}" for ex in self.examples.get(reason, [])]
+        for what, n in sorted(self.notes.items()):
+            lines.append(f"  {what}: {n}")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        return {"step": self.step, "read": self.read, "written": self.written,
+                "skipped": dict(self.skipped), "notes": dict(self.notes)}
+
+
+def iter_figure_records(path: str | os.PathLike, report: StepReport) -> Iterator[dict]:
+    """Figure records from a JSONL file; LLaVA-Med per-figure records are converted on the fly.
+
+    Broken lines and records without an id are skipped and counted in `report`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input file not found: {path}")
+    errors: list[str] = []
+    for lineno, obj in read_jsonl(path, skip_bad=True, errors=errors):
+        while errors:
+            report.read += 1
+            report.skip("not a JSON object", errors.pop())
+        report.read += 1
+        if is_llava_med_record(obj):
+            try:
+                obj = llava_med_to_figure(obj)
+            except (DataError, TypeError, ValueError) as e:
+                report.skip("bad LLaVA-Med record", f"{path}:{lineno}: {e}")
+                continue
+        if not obj.get("id"):
+            report.skip("record without an id", f"{path}:{lineno}")
+            continue
+        yield obj
+    for msg in errors:
+        report.read += 1
+        report.skip("not a JSON object", msg)
+
+
+def dumps(record: dict) -> str:
+    return json.dumps(record, ensure_ascii=False)

@@ -1,0 +1,152 @@
+"""`medllava curate pipeline`: extract -> classify -> dedupe -> align from one YAML config, resumable.
+
+Each config section holds one step's options under their command-line names (`min_confidence`
+for `--min-confidence`); the section is turned into that step's arguments and parsed by the
+step's own parser, so the config accepts exactly what the command line does. A step whose
+output exists with a `.done.json` stamp matching its arguments and input files is skipped, so
+re-running after a crash redoes only the unfinished steps (outputs are written atomically, so
+an output on disk is complete).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from pathlib import Path
+
+import yaml
+
+from medllava.io import DataError, atomic_write_json, atomic_write_text
+
+# (section, step module, output file, the --in of the step is the previous output)
+STEPS = [
+    ("extract", "curation.extract", "figures.jsonl"),
+    ("classify", "curation.classify", "classified.jsonl"),
+    ("dedupe", "curation.dedupe", "deduped.jsonl"),
+    ("align", "curation.align", "alignment.jsonl"),
+]
+# Options holding paths; relative ones are read relative to the config file's folder.
+PATH_OPTIONS = {"jats", "pmc15m", "llava_med", "images_out", "image_root", "benchmark_images", "rules"}
+
+
+def load_config(path: Path) -> dict:
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise DataError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(config, dict) or "out_dir" not in config or "extract" not in config:
+        raise DataError(f"{path}: expected a mapping with at least 'out_dir' and 'extract'")
+    unknown = set(config) - {"out_dir"} - {s for s, _, _ in STEPS}
+    if unknown:
+        raise DataError(f"{path}: unknown sections {sorted(unknown)}; expected out_dir, "
+                        + ", ".join(s for s, _, _ in STEPS))
+    return config
+
+
+def _resolve(value, base: Path):
+    if isinstance(value, list):
+        return [_resolve(v, base) for v in value]
+    return str(base / value) if not Path(str(value)).is_absolute() else str(value)
+
+
+def step_argv(section: dict, base: Path, out: Path, inp: Path | None, where: str) -> list[str]:
+    """Command-line arguments of one step from its config section."""
+    if not isinstance(section, dict):
+        raise DataError(f"{where}: expected a mapping of options")
+    argv = ["--out", str(out)] + (["--in", str(inp)] if inp is not None else [])
+    for key, value in section.items():
+        if value is None or value is False or value == []:
+            continue
+        if key in PATH_OPTIONS:
+            value = _resolve(value, base)
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, list) and key == "keep":
+            argv += [flag, ",".join(map(str, value))]
+        elif isinstance(value, list):
+            argv += [flag, *map(str, value)] if key in ("jats", "benchmark_images") else \
+                [a for v in value for a in (flag, str(v))]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    """A parser that raises instead of printing usage and exiting (its subparsers inherit this)."""
+
+    def error(self, message):
+        raise DataError(message)
+
+
+def parse_step(module, argv: list[str], where: str) -> argparse.Namespace:
+    """Parse a step's arguments with the step's own command-line parser."""
+    parser = _RaisingParser(prog="pipeline")
+    sub = parser.add_subparsers(dest="step")
+    module.register(sub)
+    try:
+        return parser.parse_args([next(iter(sub.choices)), *argv])
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from None
+
+
+def step_options(config: dict, section: str) -> dict:
+    """A section's options with the defaults one step takes from another."""
+    options = dict(config[section] or {})
+    images = (config.get("extract") or {}).get("images_out")
+    if section == "dedupe" and "image_root" not in options and images:
+        options["image_root"] = images  # dedupe reads the images extract copied
+    return options
+
+
+def _stamp(argv: list[str], inp: Path | None) -> dict:
+    stat = inp.stat() if inp is not None else None
+    return {"argv": argv, "input": [str(inp), stat.st_size, stat.st_mtime_ns] if stat else None}
+
+
+def run_pipeline(config_path: Path) -> list[str]:
+    """Run (or resume) every configured step; returns the names of the steps that ran."""
+    config = load_config(config_path)
+    base = config_path.parent
+    out_dir = Path(_resolve(config["out_dir"], base))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # The run folder keeps the config it was made from, so the set can be rebuilt.
+    atomic_write_text(out_dir / "pipeline.yaml", config_path.read_text(encoding="utf-8"))
+    # Every section is parsed before any step runs, so a typo in the last one costs no time.
+    plan, previous = [], None
+    for section, module_name, filename in STEPS:
+        if section not in config:
+            continue
+        out = out_dir / filename
+        argv = step_argv(step_options(config, section), base, out, previous, f"{config_path}: {section}")
+        args = parse_step(importlib.import_module(module_name), argv, f"{config_path}: {section}")
+        plan.append((section, out, argv, args, previous))
+        previous = out
+    ran = []
+    for section, out, argv, args, inp in plan:
+        stamp_path = Path(f"{out}.done.json")
+        if out.exists() and stamp_path.exists() and json.loads(stamp_path.read_text()) == _stamp(argv, inp):
+            print(f"{section}: up to date ({out}), skipped")
+            continue
+        args.func(args)
+        atomic_write_json(stamp_path, _stamp(argv, inp))
+        ran.append(section)
+    return ran
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "pipeline", help="run extract, classify, dedupe and align from one YAML config (resumable)",
+        description="Run the curation steps named in a YAML config, skipping steps whose output is "
+                    "already complete. See curation/pipeline_example.yaml.")
+    p.add_argument("--config", type=Path, required=True, metavar="FILE", help="pipeline YAML")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    if not args.config.is_file():
+        raise FileNotFoundError(f"--config file not found: {args.config}")
+    ran = run_pipeline(args.config)
+    print(f"pipeline: ran {', '.join(ran) if ran else 'nothing (all steps up to date)'}")
+    return 0
