@@ -9,8 +9,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from PIL import Image
-from pydicom import data as pydicom_data
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_color_lut, get_decoder, pixel_array
 from pydicom.sequence import Sequence
@@ -18,27 +16,7 @@ from pydicom.sequence import Sequence
 from medllava import dicom
 from medllava.images import ImageLoadError, MissingDecoderError, load_image, load_image_with_metadata
 
-PYDICOM_FILES = Path(pydicom_data.__file__).parent / "test_files"
-
-
-def bundled(name: str) -> Path:
-    """A test file bundled with pydicom; never triggers pydicom's download of extra files."""
-    path = PYDICOM_FILES / name
-    if not path.is_file():
-        pytest.skip(f"{name} is not bundled with this pydicom")
-    return path
-
-
-def pixels(image: Image.Image) -> np.ndarray:
-    assert image.mode == "RGB"
-    return np.asarray(image)
-
-
-def grey(image: Image.Image) -> np.ndarray:
-    """The single channel of a greyscale image delivered as RGB."""
-    arr = pixels(image)
-    assert (arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all()
-    return arr[..., 0]
+from imaging import bundled, grey, pixels
 
 
 def window_by_hand(value: float, center: float, width: float) -> int:
