@@ -17,6 +17,7 @@ from medllava import __version__
 COMMAND_MODULES = [
     "medllava.commands",
     "finetune.adapt",
+    "medllava.convert",
     "curation.cli",
     "eval.cli",
 ]

@@ -1,0 +1,475 @@
+"""`medllava convert`: an original LLaVA / LLaVA-Med checkpoint to a llava-hf checkpoint folder.
+
+The original layout (haotian-liu/LLaVA, microsoft/LLaVA-Med) is one causal LM whose config.json also
+carries the vision settings (`mm_*` fields) and whose state dict holds the language model
+(`model.embed_tokens`, `model.layers.*`, `model.norm`, `lm_head`), the projector (`model.mm_projector.*`)
+and, when it was saved, the CLIP tower (`model.vision_tower.vision_tower.vision_model.*`). The output is
+a `LlavaForConditionalGeneration` + `LlavaProcessor` folder that `medllava.model.build_model` loads:
+
+    original                              llava-hf
+    model.layers.* / model.norm / ...     model.language_model.*
+    lm_head                               lm_head
+    model.mm_projector.0 / .2             model.multi_modal_projector.linear_1 / linear_2  (mlp2x_gelu)
+    model.mm_projector                    linear_1, with act `linear` and linear_2 = identity (linear)
+    model.vision_tower.vision_tower.*     model.vision_tower.*
+    mm_vision_select_layer                vision_feature_layer
+    mm_vision_select_feature patch|cls_patch   vision_feature_select_strategy default|full
+    image_aspect_ratio pad                LlavaImageProcessor do_pad (pad to square with the mean colour)
+
+`<image>` is added to the tokenizer and the vocabulary padded to a multiple of 64, new rows set to the
+mean of the trained ones. Weights are read from safetensors only; pickle files are refused, never loaded.
+What llava-hf cannot represent is refused by name: `<im_start>/<im_end>` tokens (mm_use_im_start_end),
+deeper MLP projectors, LLaVA-NeXT any-resolution tiling, unmerged LoRA adapters.
+
+The image processor is written as transformers' LlavaImageProcessor; loading picks its backend, the
+torchvision one when torchvision is installed, whose bicubic resize differs slightly from the PIL resize
+of the CLIPImageProcessor LLaVA trained with (the PIL backend reproduces it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from medllava.records import IMAGE_PLACEHOLDER
+from medllava.templates import VICUNA_SYSTEM
+
+log = logging.getLogger(__name__)
+
+# Original model_type -> (language model family, conversation template it was trained with).
+ORIGINAL_TYPES = {
+    "llava": ("llama", "vicuna_v1"),
+    "llava_llama": ("llama", "vicuna_v1"),
+    "llava_mistral": ("mistral", "mistral_instruct"),
+}
+# mm_projector_type -> llava-hf projector_hidden_act. LlavaMultiModalProjector is always
+# linear_1 -> act -> linear_2, so a single linear layer becomes linear_1 with an identity act and linear_2.
+PROJECTORS = {"mlp2x_gelu": "gelu", "linear": "linear"}
+MLP_LAYERS = {"0": "linear_1", "2": "linear_2"}
+SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}
+VOCAB_MULTIPLE = 64
+VISION_PREFIX = "model.vision_tower.vision_tower."
+# Buffers that some transformers versions saved; they are recomputed from the config, not weights.
+DERIVED_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids")
+# Towers LLaVA releases name in mm_vision_tower; only their shapes are needed when the weights are saved.
+KNOWN_VISION_TOWERS = {
+    "openai/clip-vit-large-patch14-336": {"image_size": 336},
+    "openai/clip-vit-large-patch14": {"image_size": 224},
+}
+CLIP_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+# Fields of the original config that belong to LLaVA's wrapper, not to the language model.
+LLAVA_FIELDS = {"architectures", "model_type", "_name_or_path", "transformers_version", "torch_dtype", "dtype",
+                "use_mm_proj", "image_aspect_ratio", "image_grid_pinpoints", "tokenizer_model_max_length",
+                "tokenizer_padding_side", "max_length"}
+LLAVA_PREFIXES = ("mm_", "tune_mm", "freeze_mm", "unfreeze_mm")
+
+# Chat templates that render exactly what medllava.templates.render writes for the same turns,
+# preceded by BOS; `content` is a string or llava-hf's list of {"type": "image"|"text"} parts.
+_CONTENT = (
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for part in m['content'] %}{% if part['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for part in m['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}"
+)
+_SYSTEM = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{% set ns.system = m['content'] if m['content'] is string"
+    " else m['content'] | map(attribute='text') | join('') %}{% endif %}{% endfor %}"
+)
+CHAT_TEMPLATES = {
+    "vicuna_v1": (
+        "{{ bos_token }}{% set ns = namespace(system=" + json.dumps(VICUNA_SYSTEM) + ") %}" + _SYSTEM
+        + "{{ ns.system }} {% for m in messages %}{% if m['role'] == 'user' %}USER: " + _CONTENT
+        + " {% elif m['role'] == 'assistant' %}ASSISTANT: " + _CONTENT + "{{ eos_token }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    ),
+    "mistral_instruct": (
+        "{{ bos_token }}{% set ns = namespace(system='', first=true) %}" + _SYSTEM
+        + "{% for m in messages %}{% if m['role'] == 'user' %}[INST] {% if ns.first and ns.system %}"
+        "<<SYS>>\n{{ ns.system }}\n<</SYS>>\n\n{% endif %}{% set ns.first = false %}" + _CONTENT
+        + " [/INST]{% elif m['role'] == 'assistant' %} " + _CONTENT + " {{ eos_token }}{% endif %}{% endfor %}"
+    ),
+}
+
+
+class ConvertError(ValueError):
+    """A source checkpoint that cannot be converted; the message names the file and the field."""
+
+
+@dataclass
+class Source:
+    """An original-layout checkpoint folder, checked."""
+
+    path: Path
+    config: dict
+    family: str
+    """Language model family: llama or mistral."""
+    template: str
+    """Conversation template the checkpoint was trained with."""
+    weight_files: list[Path]
+
+
+def read_source(src: Path) -> Source:
+    """Read and check `src/config.json` and find the safetensors weights; refuse what cannot be converted."""
+    cfg_path = src / "config.json"
+    if not cfg_path.is_file():
+        raise ConvertError(f"{src}: not a checkpoint folder: config.json is missing")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ConvertError(f"{cfg_path}: not valid JSON ({e})") from None
+    model_type = cfg.get("model_type")
+    if model_type == "llava" and "text_config" in cfg:
+        raise ConvertError(f"{cfg_path}: already a llava-hf checkpoint (it has text_config); use it as it is")
+    if model_type not in ORIGINAL_TYPES:
+        raise ConvertError(f"{cfg_path}: model_type {model_type!r} is not an original LLaVA checkpoint "
+                           f"(supported: {', '.join(ORIGINAL_TYPES)})")
+    if (src / "adapter_config.json").exists():
+        raise ConvertError(f"{src}: holds LoRA adapter weights; merge them into the base model first")
+    if cfg.get("mm_use_im_start_end"):
+        raise ConvertError(f"{cfg_path}: mm_use_im_start_end is true: the model was trained with <im_start>/<im_end>"
+                           " tokens around each image, which llava-hf's Llava classes have no place for")
+    projector = cfg.get("mm_projector_type", "linear")
+    if projector not in PROJECTORS:
+        raise ConvertError(f"{cfg_path}: mm_projector_type {projector!r} cannot be represented by llava-hf's "
+                           f"LlavaMultiModalProjector (linear -> act -> linear); supported: {', '.join(PROJECTORS)}")
+    feature = cfg.get("mm_vision_select_feature", "patch")
+    if feature not in SELECT_FEATURE:
+        raise ConvertError(f"{cfg_path}: mm_vision_select_feature {feature!r}; supported: {', '.join(SELECT_FEATURE)}")
+    if not isinstance(cfg.get("mm_vision_select_layer"), int):
+        raise ConvertError(f"{cfg_path}: mm_vision_select_layer is missing or not an integer")
+    aspect, merge = str(cfg.get("image_aspect_ratio")), cfg.get("mm_patch_merge_type", "flat")
+    if aspect.startswith("anyres") or merge != "flat":
+        raise ConvertError(f"{cfg_path}: image_aspect_ratio {aspect!r} / mm_patch_merge_type {merge!r} is LLaVA-NeXT "
+                           "tiling, which the Llava classes do not do (LlavaNext does)")
+    family, template = ORIGINAL_TYPES[model_type]
+    return Source(src, cfg, family, template, _weight_files(src))
+
+
+def _weight_files(src: Path) -> list[Path]:
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise ConvertError(f"{index}: unreadable shard index ({e})") from None
+        files = [src / n for n in names]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ConvertError(f"{index}: {len(missing)} shard(s) listed but missing: {', '.join(missing[:3])}")
+        return files
+    files = sorted(src.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(p.name for ext in ("*.bin", "*.pt", "*.pth") for p in src.glob(ext))
+        found = f"found {', '.join(pickled[:4])}: pickle files, which are never loaded; " if pickled else ""
+        raise ConvertError(f"{src}: no *.safetensors weights ({found}convert them to safetensors first with a "
+                           "trusted tool, in an environment you trust)")
+    return files
+
+
+def load_weights(files: list[Path], dtype) -> dict:
+    """All tensors of `files` in one dict, floating point ones cast to `dtype`; derived buffers dropped."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for f in files:
+        log.info("reading %s", f.name)
+        for key, t in load_file(f).items():
+            if not key.endswith(DERIVED_SUFFIXES):
+                tensors[key] = t.to(dtype) if t.is_floating_point() else t
+    return tensors
+
+
+def resolve_vision(source: Source, weights: dict, vision_tower: Path | None, dtype):
+    """Return `(CLIPVisionConfig, preprocessor settings, CLIP-layout vision weights)`.
+
+    Weights saved in the checkpoint win (the original code loads them over the named tower); otherwise
+    they come from the CLIP folder: `--vision-tower`, or `mm_vision_tower` when that is an absolute path
+    to a local folder (the original code loads either a hub name or a path from there).
+    """
+    from transformers import CLIPVisionConfig
+
+    name = str(source.config.get("mm_vision_tower", ""))
+    saved = {k[len(VISION_PREFIX):]: weights.pop(k) for k in [k for k in weights if k.startswith(VISION_PREFIX)]}
+    folder = vision_tower
+    if folder is None and Path(name).is_absolute() and (Path(name) / "config.json").is_file():
+        folder = Path(name)
+    if folder is not None:
+        cfg, preprocessor = _read_clip_folder(folder)
+        vision = saved or _clip_folder_weights(folder, dtype)
+    elif saved and name in KNOWN_VISION_TOWERS:
+        cfg = CLIPVisionConfig(**CLIP_L14, **KNOWN_VISION_TOWERS[name])
+        vision, preprocessor = saved, {}
+    else:
+        where = "the checkpoint saves its vision tower weights" if saved else "no vision tower weights are saved"
+        raise ConvertError(
+            f"{source.path}: mm_vision_tower is {name or 'unset'!r} and {where}; pass --vision-tower DIR "
+            "(a local CLIP folder) or use a checkpoint with the vision tower saved "
+            f"(model.vision_tower.vision_tower.*) of a known tower ({', '.join(KNOWN_VISION_TOWERS)})")
+    clean = {k.removeprefix("vision_model."): v for k, v in vision.items()}
+    return cfg, preprocessor, clean
+
+
+def _read_clip_folder(folder: Path):
+    from transformers import CLIPVisionConfig
+
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ConvertError(f"{folder}: not a CLIP folder: config.json is missing")
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    if cfg.get("model_type") not in ("clip", "clip_vision_model"):
+        raise ConvertError(f"{path}: model_type {cfg.get('model_type')!r} is not a CLIP model")
+    cfg = cfg.get("vision_config", cfg)
+    pre_path = folder / "preprocessor_config.json"
+    pre = json.loads(pre_path.read_text(encoding="utf-8")) if pre_path.is_file() else {}
+    return CLIPVisionConfig(**{k: v for k, v in cfg.items() if k not in ("model_type", "transformers_version")}), pre
+
+
+def _clip_folder_weights(folder: Path, dtype) -> dict:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        _weight_files(folder)  # raises, naming any pickle files found
+    weights = load_weights(files, dtype)
+    return {k: v for k, v in weights.items() if not k.startswith(("text_model.", "text_projection",
+                                                                   "visual_projection", "logit_scale"))}
+
+
+def image_processor_kwargs(preprocessor: dict, image_size: int, pad: bool) -> dict:
+    """LlavaImageProcessor settings from a CLIP preprocessor_config.json (older files give sizes as ints)."""
+    size = preprocessor.get("size", image_size)
+    crop = preprocessor.get("crop_size", image_size)
+    kwargs = {
+        "size": {"shortest_edge": size} if isinstance(size, int) else size,
+        "crop_size": {"height": crop, "width": crop} if isinstance(crop, int) else crop,
+        "do_pad": pad,
+    }
+    for key in ("image_mean", "image_std", "resample", "do_center_crop", "rescale_factor"):
+        if key in preprocessor:
+            kwargs[key] = preprocessor[key]
+    final = kwargs["crop_size"] if kwargs.get("do_center_crop", True) else kwargs["size"]
+    side = final.get("height", final.get("shortest_edge"))
+    if side != image_size:
+        raise ConvertError(f"preprocessing yields {side}px images but the vision tower takes {image_size}px")
+    return kwargs
+
+
+def map_weights(weights: dict, vision: dict, projector: str, dtype) -> dict:
+    """Rename original-layout tensors to LlavaForConditionalGeneration's parameter names."""
+    import torch
+
+    out = {f"model.vision_tower.{k}": v for k, v in vision.items()}
+    for key, t in weights.items():
+        if key.startswith("model.mm_projector."):
+            rest = key[len("model.mm_projector."):]
+            if projector == "mlp2x_gelu":  # nn.Sequential(Linear, GELU, Linear): layers 0 and 2
+                index, _, param = rest.partition(".")
+                rest = f"{MLP_LAYERS.get(index, index)}.{param}"
+            else:
+                rest = "linear_1." + rest
+            out[f"model.multi_modal_projector.{rest}"] = t
+        elif key.startswith("model."):
+            out["model.language_model." + key[len("model."):]] = t
+        else:
+            out[key] = t
+    if not any(k.startswith("model.multi_modal_projector.") for k in out):
+        raise ConvertError("no model.mm_projector.* weights in the safetensors files (a projector saved on its own, "
+                           "as mm_projector.bin, is not merged by this command)")
+    if projector == "linear":
+        hidden = out["model.multi_modal_projector.linear_1.weight"].shape[0]
+        out["model.multi_modal_projector.linear_2.weight"] = torch.eye(hidden, dtype=dtype)
+        out["model.multi_modal_projector.linear_2.bias"] = torch.zeros(hidden, dtype=dtype)
+    return out
+
+
+def pad_vocab(weights: dict, rows: int) -> int:
+    """Grow the embedding and LM head to `rows`, new rows set to the mean of the trained ones.
+
+    A mean row gives a new token an ordinary embedding and an average logit, so the model is not pushed
+    to generate `<image>`. Returns the old row count.
+    """
+    import torch
+
+    old = weights["model.language_model.embed_tokens.weight"].shape[0]
+    for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+        if key in weights and rows > old:
+            w = weights[key]
+            mean = w.float().mean(dim=0, keepdim=True).to(w.dtype)
+            weights[key] = torch.cat([w, mean.expand(rows - old, -1)])
+    return old
+
+
+def text_config(source: Source, vocab_size: int, tokenizer):
+    """The language model's config: the original config without LLaVA's wrapper fields."""
+    from transformers import AutoConfig
+
+    fields = {k: v for k, v in source.config.items() if k not in LLAVA_FIELDS and not k.startswith(LLAVA_PREFIXES)}
+    if fields.get("rope_scaling", 0) is None:  # absent and null mean the same; null only draws a deprecation warning
+        del fields["rope_scaling"]
+    fields.update(vocab_size=vocab_size, pad_token_id=tokenizer.pad_token_id)
+    return AutoConfig.for_model(source.family, **fields)
+
+
+def prepare_tokenizer(source: Source):
+    """The source tokenizer with `<image>` added and a pad token (LLaVA trained with pad = unk)."""
+    from transformers import AddedToken, AutoConfig, AutoTokenizer
+
+    cfg = source.config
+    try:
+        # The language model's config, not config.json, which transformers would misread as a llava-hf one.
+        tokenizer = AutoTokenizer.from_pretrained(source.path, config=AutoConfig.for_model(source.family))
+    except Exception as e:  # transformers raises many types for unreadable tokenizer files
+        raise ConvertError(f"{source.path}: tokenizer files could not be loaded ({type(e).__name__}: {e})") from None
+    if IMAGE_PLACEHOLDER not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(IMAGE_PLACEHOLDER, special=True, normalized=False)], special_tokens=True)
+    if tokenizer.pad_token is None:
+        if tokenizer.unk_token is not None:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    if cfg.get("tokenizer_model_max_length"):
+        tokenizer.model_max_length = cfg["tokenizer_model_max_length"]
+    return tokenizer
+
+
+def build_processor(source: Source, tokenizer, vision_cfg, image_kwargs: dict, strategy: str):
+    """LlavaProcessor with the source's preprocessing and the chat template of its conversation style."""
+    from transformers import LlavaProcessor
+
+    try:  # the PIL backend resizes as the CLIPImageProcessor that LLaVA trained with did
+        from transformers import LlavaImageProcessorPil as ImageProcessor
+    except ImportError:  # releases before the backend split: the one class is PIL-based
+        from transformers import LlavaImageProcessor as ImageProcessor
+    return LlavaProcessor(
+        image_processor=ImageProcessor(**image_kwargs),
+        tokenizer=tokenizer,
+        patch_size=vision_cfg.patch_size,
+        vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=1,  # CLIP's CLS token
+        chat_template=CHAT_TEMPLATES[source.template],
+    )
+
+
+def _dtype_of(source: Source, name: str | None):
+    import torch
+
+    table = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+    name = name or source.config.get("torch_dtype") or source.config.get("dtype")
+    return table.get(name, torch.float16)
+
+
+def _assemble(config, weights: dict):
+    """LlavaForConditionalGeneration holding `weights`, for saving.
+
+    The skeleton is built on the meta device and the converted tensors are moved in, so a 7B model is
+    never held twice. Its derived buffers (rotary frequencies, position ids) stay on meta: they are not
+    saved, and loading the saved folder recomputes them.
+    """
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or unexpected:
+        raise ConvertError(f"{len(missing)} llava-hf weights have no source tensor (first: {missing[:3]}) and "
+                           f"{len(unexpected)} source tensors have no place (first: {unexpected[:3]})")
+    try:
+        model.load_state_dict(weights, strict=True, assign=True)
+    except RuntimeError as e:  # shape mismatches between the weights and the config
+        raise ConvertError(f"the weights do not fit the converted config: {e}") from None
+    return model.eval()
+
+
+def convert(src: str | Path, out: str | Path, vision_tower: str | Path | None = None,
+            dtype: str | None = None) -> dict:
+    """Convert the original-layout checkpoint `src` into the llava-hf folder `out`; returns a summary.
+
+    `dtype` (float16, bfloat16, float32) defaults to the source's torch_dtype, else float16.
+    """
+    import math
+
+    from transformers import LlavaConfig
+
+    from medllava.model import check_checkpoint_dir, save_model
+
+    source = read_source(Path(src))
+    target_dtype = _dtype_of(source, dtype)
+    # The tokenizer fixes the vocabulary size and the image token id that the weights and config need.
+    tokenizer = prepare_tokenizer(source)
+    weights = load_weights(source.weight_files, target_dtype)
+    vision_cfg, preprocessor, vision = resolve_vision(
+        source, weights, Path(vision_tower) if vision_tower else None, target_dtype)
+    pad = source.config.get("image_aspect_ratio") == "pad"
+    image_kwargs = image_processor_kwargs(preprocessor, vision_cfg.image_size, pad)
+    projector = source.config.get("mm_projector_type", "linear")
+    weights = map_weights(weights, vision, projector, target_dtype)
+    rows = len(weights["model.language_model.embed_tokens.weight"])
+    rows = math.ceil(max(len(tokenizer), rows) / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    old_rows = pad_vocab(weights, rows)
+
+    strategy = SELECT_FEATURE[source.config.get("mm_vision_select_feature", "patch")]
+    text = text_config(source, rows, tokenizer)
+    config = LlavaConfig(
+        vision_config=vision_cfg,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
+        image_seq_length=(vision_cfg.image_size // vision_cfg.patch_size) ** 2 + (strategy == "full"),
+        vision_feature_layer=source.config["mm_vision_select_layer"],
+        vision_feature_select_strategy=strategy,
+        projector_hidden_act=PROJECTORS[projector],
+        multimodal_projector_bias="model.multi_modal_projector.linear_1.bias" in weights,
+        tie_word_embeddings=bool(getattr(text, "tie_word_embeddings", False)),
+    )
+    model = _assemble(config, weights)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.generation_config, name, getattr(tokenizer, name))
+
+    processor = build_processor(source, tokenizer, vision_cfg, image_kwargs, strategy)
+    log.info("writing %s", out)
+    save_model(model, processor, out)
+    check_checkpoint_dir(Path(out))
+    return {
+        "out": str(out), "family": source.family, "template": source.template,
+        "dtype": str(target_dtype).removeprefix("torch."),
+        "projector": projector, "vision_feature_select_strategy": strategy, "pad_to_square": pad,
+        "vocab": f"{old_rows} -> {rows}", "image_token_index": config.image_token_index,
+        "image_seq_length": config.image_seq_length,
+    }
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "convert",
+        help="convert an original LLaVA / LLaVA-Med checkpoint to llava-hf format",
+        description=(
+            "Convert a checkpoint in the original LLaVA layout (config.json model_type llava, or llava_mistral "
+            "for LLaVA-Med v1.5; safetensors weights; tokenizer files) into a llava-hf folder "
+            "(LlavaForConditionalGeneration + LlavaProcessor with the matching chat template) that every "
+            "medllava command loads. Pickle (.bin) weights are refused: convert them to safetensors first."
+        ),
+    )
+    p.add_argument("--src", type=Path, required=True, metavar="DIR", help="original-layout checkpoint folder")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="llava-hf checkpoint folder to write")
+    p.add_argument("--vision-tower", type=Path, metavar="DIR",
+                   help="local CLIP folder (config.json, preprocessor_config.json, safetensors): needed when the "
+                        "checkpoint did not save its vision tower, as LLaVA-1.5 releases do not")
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"),
+                   help="weight dtype of the output (default: the source's torch_dtype, else float16)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=run_convert)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    if args.out.exists() and args.out.resolve() == args.src.resolve():
+        raise ConvertError(f"--out {args.out} is the source folder; write the conversion elsewhere")
+    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
+        raise ConvertError(f"{args.out} exists and is not empty; pass --overwrite to replace it")
+    summary = convert(args.src, args.out, args.vision_tower, args.dtype)
+    width = max(map(len, summary))
+    for key, value in summary.items():
+        print(f"{key:<{width}}  {value}")
+    return 0
