@@ -45,9 +45,19 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
     "abdomen": (40.0, 400.0),
 }
 
-# The only header keywords copied into metadata. Free-text fields (study and series
-# descriptions, comments) are left out: the confidentiality profile of PS3.15 removes them
-# because sites type names and accession numbers into them.
+# Free-text descriptions users want to see (what the study was), kept only after every identifying
+# value the header itself carries is cut out of them: sites type names and accession numbers into
+# these fields, which is why PS3.15's confidentiality profile removes them outright.
+DESCRIPTION_KEYWORDS = ("StudyDescription", "SeriesDescription")
+_IDENTIFYING_KEYWORDS = (
+    "PatientName", "PatientID", "OtherPatientIDs", "OtherPatientNames", "PatientBirthDate",
+    "PatientBirthName", "PatientMotherBirthName", "PatientAddress", "PatientTelephoneNumbers",
+    "AccessionNumber", "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName",
+    "InstitutionName", "InstitutionAddress", "StudyID", "MedicalRecordLocator",
+)
+REDACTED = "[removed]"
+
+# The only other header keywords copied into metadata.
 METADATA_KEYWORDS = (
     "Modality", "BodyPartExamined", "ViewPosition", "ImageLaterality", "Laterality",
     "PatientPosition", "ImageType", "PhotometricInterpretation", "Rows", "Columns",
@@ -340,7 +350,37 @@ def _header_metadata(ds: Dataset) -> dict[str, Any]:
             value = _plain(ds[keyword].value)
             if value is not None:
                 meta[keyword] = value
+    identifiers = _identifying_strings(ds)
+    for keyword in DESCRIPTION_KEYWORDS:
+        text = ds.get(keyword)
+        if isinstance(text, str) and text.strip():
+            meta[keyword] = _redact(text.strip(), identifiers)
     return meta
+
+
+def _identifying_strings(ds: Dataset) -> list[str]:
+    """Every identifying value in the header, whole and (for names) part by part, longest first."""
+    found: set[str] = set()
+    for keyword in _IDENTIFYING_KEYWORDS:
+        element = ds.get(keyword)
+        values = element if isinstance(element, (list, MultiValue)) else [element]
+        for value in values:
+            text = str(value or "").strip()
+            if not text:
+                continue
+            found.add(text)
+            # Person names are family^given^middle^prefix^suffix; each part may be typed alone.
+            found.update(part.strip() for part in text.replace("^", " ").split() if len(part.strip()) >= 2)
+    return sorted(found, key=len, reverse=True)
+
+
+def _redact(text: str, identifiers: list[str]) -> str:
+    """`text` with every identifier (case-insensitive) replaced by a marker."""
+    import re
+
+    for value in identifiers:
+        text = re.sub(re.escape(value), REDACTED, text, flags=re.IGNORECASE)
+    return text
 
 
 def _plain(value: Any) -> Any:

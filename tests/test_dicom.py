@@ -252,7 +252,9 @@ def test_metadata_keeps_only_allow_listed_fields(tmp_path, source):
     dumped = json.dumps(meta)  # also proves every value is plain JSON
     for value in [*PHI.values(), *from_file]:
         assert value not in dumped
-    assert "Jane" not in dumped
+    assert "Jane" not in dumped and "doe" not in dumped.lower()
+    # The description is kept for what it says about the study, with the header's identifiers cut out.
+    assert meta["StudyDescription"] == "CT chest for [removed] [removed]"
     assert meta["Modality"] == original.Modality
     assert meta["Rows"] == original.Rows and isinstance(meta["Rows"], int)
 
