@@ -69,3 +69,8 @@ def test_check_reports_bad_records_and_images(tmp_path, capsys):
 def test_check_fails_cleanly_on_a_missing_file(tmp_path, capsys):
     assert main(["check", "--data", str(tmp_path / "none.jsonl")]) == 1
     assert "none.jsonl" in capsys.readouterr().err
+
+
+def test_the_deepspeed_launchers_local_rank_argument_is_accepted():
+    args = build_parser().parse_args(["--local_rank=1", "adapt", "--config", "c.yaml"])
+    assert args.command == "adapt" and args.local_rank == 1
