@@ -98,6 +98,10 @@ class Collator:
 
     pad_token_id: int
     padding_side: str = "right"
+    pack: bool = False
+    """Concatenate the examples into one row with per-example position ids and no attention mask:
+    no padding is computed, and transformers' attention keeps each example to itself (it reads the
+    example boundaries from the position ids). The model must run with use_cache=False."""
 
     def __call__(self, features: list[dict]) -> dict:
         import torch
@@ -106,6 +110,32 @@ class Collator:
         skipped = [(f["skip"], f["detail"]) for f in features if "skip" in f]
         if not kept:
             return {"input_ids": torch.empty(0, 0, dtype=torch.long), "example_ids": [], "skipped": skipped}
+        out = self._packed(kept) if self.pack else self._padded(kept)
+        pixels = [f["pixel_values"] for f in kept if "pixel_values" in f]
+        if pixels:
+            out["pixel_values"] = torch.cat(pixels, dim=0)
+        out["example_ids"] = [f.get("id") for f in kept]
+        out["skipped"] = skipped
+        return out
+
+    @staticmethod
+    def _packed(kept: list[dict]) -> dict:
+        import torch
+
+        ids = [t for f in kept for t in f["input_ids"]]
+        # Each example's first label is -100 (a prompt token), so no loss crosses an example boundary.
+        labels = [IGNORE_INDEX if i == 0 else lab for f in kept for i, lab in enumerate(f["labels"])]
+        positions = [i for f in kept for i in range(len(f["input_ids"]))]
+        return {
+            "input_ids": torch.tensor([ids]),
+            "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([positions]),
+            "use_cache": False,
+        }
+
+    def _padded(self, kept: list[dict]) -> dict:
+        import torch
+
         width = max(len(f["input_ids"]) for f in kept)
         batch = {"input_ids": [], "attention_mask": [], "labels": []}
         for f in kept:
@@ -113,10 +143,4 @@ class Collator:
             for key, value in (("input_ids", self.pad_token_id), ("attention_mask", 0), ("labels", IGNORE_INDEX)):
                 seq = list(f[key])
                 batch[key].append(seq + [value] * pad if self.padding_side == "right" else [value] * pad + seq)
-        out = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
-        pixels = [f["pixel_values"] for f in kept if "pixel_values" in f]
-        if pixels:
-            out["pixel_values"] = torch.cat(pixels, dim=0)
-        out["example_ids"] = [f.get("id") for f in kept]
-        out["skipped"] = skipped
-        return out
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}

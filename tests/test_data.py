@@ -1,0 +1,65 @@
+"""Encoding and batching: padded and packed batches give the same loss; skipped examples are
+dropped from the batch and reported with it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from medllava.commands import demo_data
+from medllava.data import Collator, EncodedDataset, Encoder
+
+DATA, IMAGES = demo_data()
+
+
+@pytest.fixture(scope="module")
+def trained_like(tiny):
+    """The tiny model with larger random weights, so logits differ clearly between positions."""
+    import copy
+
+    model = copy.deepcopy(tiny[0])
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model, tiny[1]
+
+
+def batch_loss(model, batch):
+    batch = {k: v for k, v in batch.items() if k not in ("example_ids", "skipped")}
+    with torch.no_grad():
+        out = model(**{k: v for k, v in batch.items() if k != "labels"})
+    logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
+    total = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
+    return total / (labels != -100).sum()
+
+
+def test_packed_and_padded_batches_give_the_same_loss(trained_like):
+    model, processor = trained_like
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()][:4]
+    dataset = EncodedDataset(rows, Encoder(processor, image_root=IMAGES))
+    features = [dataset[i] for i in range(len(rows))]
+    padded = Collator(processor.tokenizer.pad_token_id)(features)
+    packed = Collator(processor.tokenizer.pad_token_id, pack=True)(features)
+    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
+    assert packed["input_ids"].shape[1] == sum(len(f["input_ids"]) for f in features) < padded["input_ids"].numel()
+    loss_padded, loss_packed = batch_loss(model, padded), batch_loss(model, packed)
+    assert torch.allclose(loss_padded, loss_packed, atol=1e-5), (loss_padded, loss_packed)
+    # The model's own loss agrees as well (transformers shifts the labels itself).
+    with torch.no_grad():
+        own = model(**{k: v for k, v in packed.items() if k not in ("example_ids", "skipped")}).loss
+    assert torch.allclose(own, loss_padded, atol=1e-5)
+
+
+def test_skipped_examples_travel_with_the_batch(tiny):
+    _, processor = tiny
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()][:2]
+    rows.append(dict(rows[0], id="gone", image="missing.jpg"))
+    dataset = EncodedDataset(rows, Encoder(processor, image_root=IMAGES))
+    for pack in (False, True):
+        batch = Collator(processor.tokenizer.pad_token_id, pack=pack)([dataset[i] for i in range(3)])
+        assert batch["example_ids"] == [rows[0]["id"], rows[1]["id"]]
+        assert batch["skipped"] == [("missing image", str(IMAGES / "missing.jpg"))]
+        assert batch["pixel_values"].shape[0] == 2
