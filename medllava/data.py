@@ -102,6 +102,9 @@ class Collator:
     """Concatenate the examples into one row with per-example position ids and no attention mask:
     no padding is computed, and transformers' attention keeps each example to itself (it reads the
     example boundaries from the position ids). The model must run with use_cache=False."""
+    sparse_logits: bool = False
+    """Add `logits_to_keep`: the positions whose next token is supervised, so the model computes
+    vocabulary logits only there (see `supervised_loss`), not at every image and prompt token."""
 
     def __call__(self, features: list[dict]) -> dict:
         import torch
@@ -114,6 +117,8 @@ class Collator:
         pixels = [f["pixel_values"] for f in kept if "pixel_values" in f]
         if pixels:
             out["pixel_values"] = torch.cat(pixels, dim=0)
+        if self.sparse_logits:
+            out["logits_to_keep"] = supervised_positions(out["labels"])
         out["example_ids"] = [f.get("id") for f in kept]
         out["skipped"] = skipped
         return out
@@ -144,3 +149,28 @@ class Collator:
                 seq = list(f[key])
                 batch[key].append(seq + [value] * pad if self.padding_side == "right" else [value] * pad + seq)
         return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+
+
+def supervised_positions(labels):
+    """Positions p (shared by the batch's rows) whose logits predict a supervised label at p + 1."""
+    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+
+
+def supervised_loss(outputs, labels, num_items_in_batch=None):
+    """Cross-entropy over supervised tokens from logits computed only at `supervised_positions`.
+
+    Matches the model's own shifted causal-LM loss: summed over supervised tokens and divided by
+    `num_items_in_batch` (the Trainer's token count over accumulation steps) or by this batch's count.
+    For `transformers.Trainer(compute_loss_func=...)` with a collator built with `sparse_logits=True`.
+    """
+    import torch
+
+    positions = supervised_positions(labels)
+    targets = labels[:, 1:][:, positions]
+    logits = outputs.logits.float()
+    total = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).to(logits.device), ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    count = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum()
+    return total / count

@@ -63,3 +63,31 @@ def test_skipped_examples_travel_with_the_batch(tiny):
         assert batch["example_ids"] == [rows[0]["id"], rows[1]["id"]]
         assert batch["skipped"] == [("missing image", str(IMAGES / "missing.jpg"))]
         assert batch["pixel_values"].shape[0] == 2
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_sparse_logits_give_the_models_own_loss_and_gradients(trained_like, pack):
+    import copy
+
+    from medllava.data import supervised_loss
+
+    model, processor = trained_like
+    model = copy.deepcopy(model)
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()][:3]
+    dataset = EncodedDataset(rows, Encoder(processor, image_root=IMAGES))
+    features = [dataset[i] for i in range(len(rows))]
+    dense = Collator(processor.tokenizer.pad_token_id, pack=pack)(features)
+    sparse = Collator(processor.tokenizer.pad_token_id, pack=pack, sparse_logits=True)(features)
+    for batch in (dense, sparse):
+        batch.pop("example_ids"), batch.pop("skipped")
+    reference = model(**dense).loss
+    reference.backward()
+    grad = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    labels = sparse.pop("labels")
+    out = model(**sparse)
+    assert out.logits.shape[1] == len(sparse["logits_to_keep"]) < labels.shape[1] / 2
+    loss = supervised_loss(out, labels)
+    loss.backward()
+    assert torch.allclose(loss, reference, atol=1e-5)
+    assert torch.allclose(model.lm_head.weight.grad, grad, atol=1e-6)
