@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 
 # Subcommand modules with a `register(subparsers)`; one is listed once it works.
-SUBCOMMAND_MODULES: list[str] = ["eval.score"]
+SUBCOMMAND_MODULES: list[str] = ["eval.score", "eval.run", "eval.judge"]
 
 
 def register(subparsers) -> None:
@@ -17,8 +17,8 @@ def register(subparsers) -> None:
         return
     parser = subparsers.add_parser(
         "eval",
-        help="score medical VQA benchmarks",
-        description="Score models and prediction files on medical VQA benchmarks.",
+        help="evaluate models on medical VQA benchmarks",
+        description="Answer, score and judge medical VQA benchmarks.",
     )
     subs = parser.add_subparsers(dest="eval_command", metavar="SUBCOMMAND", required=True)
     for name in SUBCOMMAND_MODULES:

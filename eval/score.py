@@ -64,7 +64,7 @@ def load_candidates(path: Path) -> list:
     return obj
 
 
-def _print_summary(results: dict) -> None:
+def print_summary(results: dict) -> None:
     s, m = results["strict"], results["llava_med"]
     for label, metric in (("strict closed accuracy", s.get("closed_accuracy")),
                           ("strict open token F1", s.get("open_f1")),
@@ -75,12 +75,42 @@ def _print_summary(results: dict) -> None:
             print(f"{label}: {100 * metric['value']:.2f}{ci} (n={metric['n']})")
 
 
+def score_predictions(task, pred_path: Path, *, examples=None, candidates=None, n_boot: int = 1000,
+                      seed: int = 0) -> tuple[dict, list[dict]]:
+    """Read, pair and score a prediction file on `task` (or on `examples`, some of its questions).
+
+    Returns `(results, items)`: the metrics JSON (with the run's own fields) and per-question scores.
+    """
+    from eval.predictions import pair_predictions, read_predictions
+    from eval.scoring import score_examples
+
+    examples = task.examples if examples is None else examples
+    preds = read_predictions(pred_path)
+    pairing = pair_predictions(examples, preds)
+    if pairing.missing:
+        log.warning("%d of %d questions have no prediction; they are scored as empty answers",
+                    len(pairing.missing), len(examples))
+    log.info("scoring %d %s questions (%s)", len(examples), task.name, pairing.note)
+    results, items = score_examples(examples, pairing.texts, categories=task.categories,
+                                    candidates=candidates, n_boot=n_boot, seed=seed)
+    results = {
+        "task": task.name,
+        "split": task.split,
+        "source": str(task.source),
+        "predictions": str(pred_path),
+        "prediction_format": preds.format,
+        "pairing": {"method": pairing.method, "note": pairing.note, "missing": pairing.missing,
+                    "skipped_rows": preds.skipped},
+        "skipped_ground_truth": task.skipped,
+        **results,
+    }
+    return results, items
+
+
 def run(args: argparse.Namespace) -> int:
     from medllava.io import atomic_write_json, write_jsonl
 
-    from eval.predictions import pair_predictions, read_predictions
     from eval.report import write_report
-    from eval.scoring import score_examples
     from eval.tasks import load_task
 
     root = args.root or (args.gt.parent if args.gt else None)
@@ -91,26 +121,8 @@ def run(args: argparse.Namespace) -> int:
         if reserved in options:
             raise ValueError(f"give {reserved} with {flag}, not as -o {reserved}=...")
     task = load_task(args.task, root, args.split, file=args.gt, skip_bad=args.skip_bad, **options)
-    preds = read_predictions(args.pred)
-    pairing = pair_predictions(task.examples, preds)
-    if pairing.missing:
-        log.warning("%d of %d questions have no prediction; they are scored as empty answers",
-                    len(pairing.missing), len(task))
     candidates = load_candidates(args.candidates) if args.candidates else None
-    log.info("scoring %d %s questions (%s)", len(task), task.name, pairing.note)
-    results, items = score_examples(task.examples, pairing.texts, categories=task.categories,
-                                    candidates=candidates, n_boot=args.bootstrap, seed=args.seed)
-    results = {
-        "task": task.name,
-        "split": task.split,
-        "source": str(task.source),
-        "predictions": str(args.pred),
-        "prediction_format": preds.format,
-        "pairing": {"method": pairing.method, "note": pairing.note, "missing": pairing.missing,
-                    "skipped_rows": preds.skipped},
-        "skipped_ground_truth": task.skipped,
-        **results,
-    }
+    results, items = score_predictions(task, args.pred, candidates=candidates, n_boot=args.bootstrap, seed=args.seed)
     atomic_write_json(args.json, results)
     written = [args.json]
     if args.items:
@@ -118,6 +130,6 @@ def run(args: argparse.Namespace) -> int:
         written.append(args.items)
     if args.report:
         written += write_report(results, args.report)
-    _print_summary(results)
+    print_summary(results)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0

@@ -1,0 +1,197 @@
+"""Eval throughput: questions per second of `medllava eval run`'s batched path against asking the
+same model the same questions one at a time with plain transformers, in the same run.
+
+    python benchmarks/bench_eval.py                      # `small` random model on the CPU
+    python benchmarks/bench_eval.py --write-random-7b /data/llava-7b-random --device cuda   # once
+    python benchmarks/bench_eval.py --model /data/llava-7b-random --device cuda --dtype bfloat16 \\
+        --questions 256 --batch-size 32
+
+Questions are the real VQA-RAD questions and images of the embedded demo set (CC0), repeated
+with fresh ids up to `--questions`, read through the in-house task loader. The batched path is
+`eval.run.answer_questions`, exactly as `eval run` calls it: image loading, prompts, length-sorted
+left-padded batches, `generate` with the KV cache, and one appended predictions row per answer.
+The baseline is the plain way: per question, load the image, `processor(text, image)`, then
+`model.generate` with the same greedy settings. Both are timed by the wall clock after a warm-up
+call each, and the answers of the two paths are compared (greedy, so they should agree).
+
+`--write-random-7b DIR` saves a random-weight checkpoint shaped like LLaVA-1.5-7B (CLIP ViT-L/14 at
+336 px, 576 image tokens; a Llama-2-7B language model) with the toolkit's small BPE tokenizer, so
+the GPU figures need no download. `--layers N` shrinks its language model to check the path on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from eval.generate import Asking, ensure_pad_token, greedy_config, load_example_image, prompt_for  # noqa: E402
+from eval.run import answer_questions  # noqa: E402
+from eval.tasks import load_task  # noqa: E402
+from medllava.commands import demo_data  # noqa: E402
+from medllava.io import JsonlLog, read_jsonl, write_jsonl  # noqa: E402
+from medllava.model import ModelConfig, build_model, save_model  # noqa: E402
+from medllava.records import HUMAN  # noqa: E402
+
+
+def demo_questions(folder: Path, n: int) -> Path:
+    """An in-house JSONL of n questions (the demo set's human turns, repeated) on the demo images."""
+    conversations, images = demo_data()
+    pairs = []
+    for _, rec in read_jsonl(conversations):
+        turns = rec["conversations"]
+        for ask, reply in zip(turns[::2], turns[1::2]):
+            if ask["from"] == HUMAN:
+                pairs.append((str(images / rec["image"]), ask["value"].replace("<image>", "").strip(), reply["value"]))
+    rows = [{"qid": f"q{i}", "image": pairs[i % len(pairs)][0], "question": pairs[i % len(pairs)][1],
+             "answer": pairs[i % len(pairs)][2]} for i in range(n)]
+    write_jsonl(folder / "bench.jsonl", rows)
+    return folder
+
+
+def one_at_a_time(model, processor, task, examples, asking: Asking, max_new_tokens: int) -> tuple[list[str], int]:
+    """The plain way: processor + generate per question. Returns the answers and the tokens generated."""
+    config = greedy_config(model, processor, max_new_tokens)
+    answers, tokens = [], 0
+    for ex in examples:
+        image = load_example_image(task, ex)
+        inputs = processor(text=prompt_for(ex, asking, processor), images=image, return_tensors="pt").to(model.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        with torch.inference_mode():
+            out = model.generate(**inputs, generation_config=config)
+        new = out[0, inputs["input_ids"].shape[1]:]
+        tokens += int((new != processor.tokenizer.pad_token_id).sum())
+        answers.append(processor.tokenizer.decode(new, skip_special_tokens=True).strip())
+    return answers, tokens
+
+
+def batched(model, processor, task, examples, asking: Asking, batch_size: int, max_new_tokens: int,
+            folder: Path) -> tuple[list[str], float]:
+    """`eval run`'s path into a fresh predictions file; returns the answers (in question order) and seconds."""
+    path = folder / f"predictions_{time.monotonic_ns()}.jsonl"
+    with JsonlLog(path) as log:
+        stats = answer_questions(model, processor, task, examples, asking, log, batch_size=batch_size,
+                                 max_new_tokens=max_new_tokens)
+        by_qid = {row["qid"]: row["prediction"] for row in log.rows()}
+    return [by_qid[ex.qid] for ex in examples], stats.seconds
+
+
+def measure(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, processor = build_model(ModelConfig(name_or_path=args.model, dtype=args.dtype))
+    model.to(args.device)
+    ensure_pad_token(processor)
+    asking = Asking()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = demo_questions(Path(tmp), args.questions)
+        task = load_task("inhouse", folder, "bench")
+        examples = task.examples
+        # Warm-up: first calls pay for kernel selection and allocator growth.
+        one_at_a_time(model, processor, task, examples[:1], asking, 2)
+        batched(model, processor, task, examples[:args.batch_size], asking, args.batch_size, 2, folder)
+        _sync(args.device)
+        start = time.perf_counter()
+        single_answers, single_tokens = one_at_a_time(model, processor, task, examples, asking, args.max_new_tokens)
+        _sync(args.device)
+        single_s = time.perf_counter() - start
+        batch_answers, batch_s = batched(model, processor, task, examples, asking, args.batch_size,
+                                         args.max_new_tokens, folder)
+    n = len(examples)
+    return {
+        "model": args.model, "device": _device_name(args.device), "dtype": args.dtype,
+        "torch_threads": torch.get_num_threads(), "questions": n, "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens, "generated_tokens_one_at_a_time": single_tokens,
+        "one_at_a_time_s": single_s, "batched_s": batch_s,
+        "one_at_a_time_qps": n / single_s, "batched_qps": n / batch_s, "speedup": single_s / batch_s,
+        "answers_identical": sum(a == b for a, b in zip(single_answers, batch_answers)),
+    }
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+def write_random_7b(out: Path, layers: int | None, device: str) -> Path:
+    """A random-weight llava-hf checkpoint in LLaVA-1.5-7B's shape, saved in bfloat16."""
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    from medllava.tiny import CHAT_TEMPLATE, build_tokenizer
+
+    tokenizer = build_tokenizer(32000)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
+        tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                       num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768),
+        text_config=LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008,
+                                num_hidden_layers=layers or 32, num_attention_heads=32, num_key_value_heads=32,
+                                max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=576,
+        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # 7B parameters: never materialise them in float32
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default)
+    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        setattr(model.generation_config, key, getattr(tokenizer, key))
+    return save_model(model, processor, out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="small", help="tiny, small, or a llava-hf checkpoint folder (default small)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--questions", type=int, default=48, help="questions asked on each path (default 48)")
+    p.add_argument("--batch-size", type=int, default=8, help="eval run batch size (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per answer (default 16)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--write-random-7b", type=Path, metavar="DIR",
+                   help="save a random LLaVA-1.5-7B-shaped checkpoint and exit")
+    p.add_argument("--layers", type=int, help="with --write-random-7b: language-model layers (default 32)")
+    args = p.parse_args()
+    if args.write_random_7b:
+        print(f"wrote {write_random_7b(args.write_random_7b, args.layers, args.device)}")
+        return
+    r = measure(args)
+    print(f"model {r['model']} ({r['dtype']}) on {r['device']}, torch threads {r['torch_threads']}; "
+          f"{r['questions']} questions, {r['max_new_tokens']} new tokens at most")
+    print("| path | seconds | questions/s |\n|---|---|---|")
+    print(f"| one at a time (processor + generate per question) | {r['one_at_a_time_s']:.2f} "
+          f"| {r['one_at_a_time_qps']:.2f} |")
+    print(f"| eval run, batches of {r['batch_size']} | {r['batched_s']:.2f} | {r['batched_qps']:.2f} |")
+    print(f"speed-up {r['speedup']:.2f}x; answers identical on {r['answers_identical']}/{r['questions']} questions; "
+          f"{r['generated_tokens_one_at_a_time']} tokens generated one at a time")
+    if args.json:
+        args.json.write_text(json.dumps(r, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Batched greedy answers to benchmark questions with transformers' `generate`.
+
+How a question is asked (`Asking`: template, prompt style, closed options) is decided once
+per run; `prompt_for` turns an `Example` into the generation prompt with one `<image>`
+placeholder, which the processor expands to the image's tokens.
+
+Batches are cut from the questions sorted by prompt length, longest first, so each batch
+pads little and a batch that does not fit in memory fails at the start of the run, not
+at the end. Padding is on the left: every row then ends at the last column, where
+generation continues, and `generate` derives position ids from the attention mask, so a
+padded row gets the same greedy answer as the same question asked alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from medllava.images import ImageLoadError, load_image
+from medllava.prompts import YES_NO, format_question
+from medllava.templates import prompt_text
+
+from eval.tasks.base import Example, Task
+
+
+@dataclass(frozen=True)
+class Asking:
+    """How questions are put to the model; a head's head.json fixes these for the head."""
+
+    template: str = "vicuna_v1"
+    """Conversation template the model was trained with (medllava.templates.TEMPLATES)."""
+
+    prompt_style: str = "llava-med"
+    """Question style (medllava.prompts.PROMPT_STYLES)."""
+
+    closed_options: tuple[str, ...] = YES_NO
+    """Candidate answers of closed questions: listed by the llava-med style, scored by likelihood."""
+
+
+def question_text(example: Example, asking: Asking) -> str:
+    """The human-turn text for `example` (without the image placeholder)."""
+    return format_question(example.question, asking.prompt_style, example.answer_type,
+                           tuple(options_for(example, asking)))
+
+
+def options_for(example: Example, asking: Asking) -> list[str]:
+    """Closed candidates: the question's own list when the dataset gives one, else the run's."""
+    own = example.meta.get("options") or example.meta.get("choices")
+    if isinstance(own, list) and own and all(isinstance(o, (str, int, float)) for o in own):
+        return [str(o) for o in own]
+    return list(asking.closed_options)
+
+
+def prompt_for(example: Example, asking: Asking, processor) -> str:
+    return prompt_text(question_text(example, asking), asking.template, processor)
+
+
+def load_example_image(task: Task, example: Example):
+    """The example's image as RGB; raises ImageLoadError (naming the file) when it cannot be had."""
+    if example.image_bytes is not None:
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(example.image_bytes)) as im:
+                return im.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ImageLoadError(f"{example.image} (inline bytes of question {example.qid}): {e}") from None
+    path = task.image_path(example)
+    if path is None:
+        raise ImageLoadError(f"question {example.qid}: the release gives no image")
+    return load_image(path)
+
+
+def ensure_pad_token(processor) -> None:
+    """Batches need a pad token; checkpoints without one pad with end-of-sequence (masked out)."""
+    tok = processor.tokenizer
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+
+
+def length_batches(prompts: Sequence[str], tokenizer, batch_size: int) -> list[list[int]]:
+    """Indices of `prompts` cut into batches of similar token length, longest first."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    if not prompts:
+        return []
+    lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@contextlib.contextmanager
+def left_padding(processor) -> Iterator[None]:
+    tok = processor.tokenizer
+    old, tok.padding_side = tok.padding_side, "left"
+    try:
+        yield
+    finally:
+        tok.padding_side = old
+
+
+def encode(processor, texts: Sequence[str], images: Sequence, device, dtype, add_special_tokens: bool = True):
+    """Left-padded model inputs: input_ids, attention_mask (batch, T); pixel_values (batch, 3, H, W).
+
+    `add_special_tokens=False` for prompts that already hold their BOS (Jinja chat templates).
+    """
+    if len(texts) != len(images):
+        raise ValueError(f"{len(texts)} prompts but {len(images)} images")
+    with left_padding(processor):
+        batch = processor(text=list(texts), images=list(images), padding=True, return_tensors="pt",
+                          add_special_tokens=add_special_tokens)
+    batch = batch.to(device)
+    batch["pixel_values"] = batch["pixel_values"].to(dtype)
+    return batch
+
+
+def greedy_config(model, processor, max_new_tokens: int):
+    """Greedy decoding with the KV cache; sampling settings a checkpoint ships are not inherited."""
+    from transformers import GenerationConfig
+
+    tok = processor.tokenizer
+    eos = model.generation_config.eos_token_id
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
+                            eos_token_id=eos if eos is not None else tok.eos_token_id,
+                            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
+
+
+def generate_answers(model, processor, prompts: Sequence[str], images: Sequence, max_new_tokens: int,
+                     template: str = "vicuna_v1") -> list[str]:
+    """Greedy answers for one batch; `prompts[i]` (rendered with `template`) is asked about `images[i]`."""
+    import torch
+
+    batch = encode(processor, prompts, images, model.device, model.dtype,
+                   add_special_tokens=template != "chat_template")
+    with torch.inference_mode():
+        out = model.generate(**batch, generation_config=greedy_config(model, processor, max_new_tokens))
+    new_tokens = out[:, batch["input_ids"].shape[1]:]
+    return [text.strip() for text in processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

@@ -1,0 +1,297 @@
+"""`medllava eval run`: answer a benchmark with a model (and its task heads), then score and report.
+
+    medllava eval run --task vqa-rad --root data/vqa_rad --model checkpoints/medllava-7b \\
+        --head heads/vqa_rad --closed-scoring likelihood --out runs/eval/vqa_rad
+
+The base model is loaded once; with several `--head` folders each head is evaluated in turn
+in its own subfolder of `--out`. A head's head.json fixes the template, prompt style and
+closed options it was trained with (`--template` / `--prompt-style` override it, with a
+warning). Each output folder holds:
+
+  run.json           the settings that decide the answers; a resumed run must match them
+  predictions.jsonl  one row per answered question, appended as answers come, so a killed
+                     run resumes where it stopped ({"qid", "prediction", "question", ...})
+  metrics.json, items.jsonl, report.md and its PNG plots, from `eval.scoring` / `eval.report`
+
+Questions whose image cannot be read are skipped, counted and listed in metrics.json (and
+scored as empty answers); they are tried again when the run is resumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from medllava.prompts import PROMPT_STYLES
+
+from eval.score import _option
+
+log = logging.getLogger(__name__)
+
+RUN_TEMPLATES = ("vicuna_v1", "mistral_instruct", "chat_template")
+CLOSED_SCORING = ("generate", "likelihood")
+DEFAULT_TEMPLATE, DEFAULT_STYLE = "vicuna_v1", "llava-med"
+# Settings that change the answers: a run resumed with other values would mix two runs in one file.
+RUN_KEYS = ("task", "split", "model", "head", "template", "prompt_style", "closed_options", "closed_scoring",
+            "max_new_tokens", "dtype")
+
+
+def register(subparsers) -> None:
+    from eval.tasks import TASKS  # light: the loaders import pyarrow only when reading parquet
+
+    p = subparsers.add_parser(
+        "run",
+        help="answer a benchmark with a model (and task heads), then score and report",
+        description="Batched greedy answers (or likelihood-scored closed answers) to a benchmark's questions, "
+                    "written as they come and resumable, then the metrics JSON and Markdown report of "
+                    "`medllava eval score`.",
+    )
+    p.add_argument("--task", required=True, choices=list(TASKS), help="benchmark task")
+    p.add_argument("--root", required=True, type=Path, help="dataset folder")
+    p.add_argument("--model", required=True, help="llava-hf checkpoint folder, or a named random model (tiny, small)")
+    p.add_argument("--head", action="extend", nargs="+", type=Path, default=[], metavar="DIR",
+                   help="task head folder(s); several are evaluated in turn on one base")
+    p.add_argument("--split", default="test", help="split to answer (default: test)")
+    p.add_argument("--prompt-style", choices=PROMPT_STYLES,
+                   help=f"question style (default: the head's, else {DEFAULT_STYLE})")
+    p.add_argument("--template", choices=RUN_TEMPLATES,
+                   help=f"conversation template (default: the head's, else {DEFAULT_TEMPLATE})")
+    p.add_argument("--batch-size", type=int, default=8, help="questions per batch (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="longest generated answer in tokens (default 128)")
+    p.add_argument("--closed-scoring", choices=CLOSED_SCORING, default="generate",
+                   help="closed questions: generate an answer, or pick the candidate with the highest likelihood")
+    p.add_argument("--out", type=Path, help="output folder (default: runs/eval/<task>_<split>_<model>)")
+    p.add_argument("--limit", type=int, help="answer only the first N questions")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="weight dtype (default: bfloat16 on a GPU, float32 on the CPU)")
+    p.add_argument("-o", "--option", action="append", type=_option, default=[], metavar="KEY=VALUE",
+                   help="task option, e.g. lang=zh (SLAKE) or source=official (VQA-RAD, PathVQA)")
+    p.set_defaults(func=run)
+
+
+@dataclass
+class RunStats:
+    """What one pass over the questions did."""
+
+    answered: int = 0
+    resumed: int = 0
+    seconds: float = 0.0
+    skipped_images: dict[str, str] = field(default_factory=dict)
+    """qid -> why its image could not be read."""
+
+    @property
+    def questions_per_second(self) -> float | None:
+        return self.answered / self.seconds if self.answered and self.seconds > 0 else None
+
+
+def resolve_asking(template: str | None, prompt_style: str | None, info=None):
+    """The head's settings (or the defaults), with the flags that were given on top."""
+    from eval.generate import Asking
+
+    values = {"template": DEFAULT_TEMPLATE, "prompt_style": DEFAULT_STYLE}
+    options = tuple(info.closed_options) if info else Asking().closed_options
+    if info:
+        values = {"template": info.template, "prompt_style": info.prompt_style}
+    for key, given in (("template", template), ("prompt_style", prompt_style)):
+        if given is not None and given != values[key] and info:
+            log.warning("--%s %s overrides the head's %s %r (head.json)",
+                        key.replace("_", "-"), given, key, values[key])
+        if given is not None:
+            values[key] = given
+    return Asking(values["template"], values["prompt_style"], options)
+
+
+def check_resume(out_dir: Path, settings: dict) -> None:
+    """Record the settings in run.json, refusing to add answers made otherwise to a folder."""
+    import json
+
+    from medllava.io import atomic_write_json
+
+    path = out_dir / "run.json"
+    if path.exists():
+        before = json.loads(path.read_text())
+        changed = [f"{k}: {before.get(k)!r} -> {settings[k]!r}" for k in RUN_KEYS if before.get(k) != settings[k]]
+        if changed:
+            raise ValueError(f"{out_dir} holds answers made with other settings ({'; '.join(changed)}); "
+                             "give another --out, or delete the folder to start over")
+    atomic_write_json(path, settings)
+
+
+def answer_questions(model, processor, task, examples, asking, pred_log, *, batch_size: int,
+                     max_new_tokens: int, closed_scoring: str = "generate", head: str | None = None) -> RunStats:
+    """Answer every example not yet in `pred_log` (a JsonlLog), appending one row per answer."""
+    from tqdm import tqdm
+
+    from medllava.io import read_jsonl
+
+    from eval.generate import ensure_pad_token
+    from eval.tasks.base import CLOSED
+
+    ensure_pad_token(processor)
+    bad: list[str] = []
+    done = {str(row.get("qid")) for _, row in read_jsonl(pred_log.path, skip_bad=True, errors=bad)}
+    if bad:
+        log.warning("%s: %d unreadable rows ignored; their questions are answered again (first: %s)",
+                    pred_log.path, len(bad), bad[0])
+    todo = [ex for ex in examples if ex.qid not in done]
+    stats = RunStats(resumed=len(examples) - len(todo))
+    if stats.resumed:
+        log.info("resuming: %d of %d questions already answered in %s", stats.resumed, len(examples), pred_log.path)
+    by_likelihood = [ex for ex in todo if closed_scoring == "likelihood" and ex.answer_type == CLOSED]
+    by_generation = [ex for ex in todo if not (closed_scoring == "likelihood" and ex.answer_type == CLOSED)]
+    start = time.perf_counter()
+    with tqdm(total=len(todo), unit="q", desc=head or "answering", disable=not todo) as bar:
+        for mode, group in (("likelihood", by_likelihood), ("generate", by_generation)):
+            for batch, images, n_tried in _batches(processor, task, group, asking, batch_size, stats):
+                if batch:
+                    rows = _answer_batch(model, processor, batch, images, asking, mode, max_new_tokens)
+                    for row in rows:
+                        pred_log.append({**row, "head": head})
+                    stats.answered += len(rows)
+                bar.update(n_tried)
+    stats.seconds = time.perf_counter() - start
+    if stats.skipped_images:
+        first = next(iter(stats.skipped_images.values()))
+        log.warning("skipped %d questions whose image could not be read (first: %s)", len(stats.skipped_images), first)
+    return stats
+
+
+def _batches(processor, task, group, asking, batch_size, stats):
+    """Yield `(examples, images, questions tried)` per length-sorted batch, leaving out (and noting in
+    `stats`) the questions whose image cannot be read."""
+    from medllava.images import ImageLoadError
+
+    from eval.generate import length_batches, load_example_image, prompt_for
+
+    prompts = [prompt_for(ex, asking, processor) for ex in group]
+    for indices in length_batches(prompts, processor.tokenizer, batch_size):
+        batch, images = [], []
+        for i in indices:
+            try:
+                images.append(load_example_image(task, group[i]))
+            except ImageLoadError as e:
+                stats.skipped_images[group[i].qid] = str(e)
+                continue
+            batch.append(group[i])
+        yield batch, images, len(indices)
+
+
+def _answer_batch(model, processor, batch, images, asking, mode, max_new_tokens) -> list[dict]:
+    from eval.generate import generate_answers, options_for, prompt_for, question_text
+    from eval.likelihood import best, score_candidates
+
+    rows = [{"qid": ex.qid, "question": ex.question, "answer_type": ex.answer_type, "scoring": mode} for ex in batch]
+    if mode == "likelihood":
+        scores = score_candidates(model, processor, [question_text(ex, asking) for ex in batch], images,
+                                  [options_for(ex, asking) for ex in batch], asking.template)
+        for row, s in zip(rows, scores):
+            row.update(prediction=best(s), scores=s)
+    else:
+        prompts = [prompt_for(ex, asking, processor) for ex in batch]
+        answers = generate_answers(model, processor, prompts, images, max_new_tokens, asking.template)
+        for row, answer in zip(rows, answers):
+            row["prediction"] = answer
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    from medllava.heads import load_with_heads, use_head
+    from medllava.model import ModelConfig
+
+    from eval.tasks import load_task
+
+    if args.batch_size < 1 or args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
+        raise ValueError("--batch-size, --max-new-tokens and --limit must be at least 1")
+    device, dtype = _device_and_dtype(args.device, args.dtype)
+    task = load_task(args.task, args.root, args.split, **dict(args.option))
+    examples = task.examples[:args.limit] if args.limit else task.examples
+    # The base is loaded once; each head is switched on in turn (heads share the base's weights).
+    model, processor, infos = load_with_heads(ModelConfig(name_or_path=args.model, dtype=dtype), args.head)
+    model.to(device)
+    out = args.out or Path("runs") / "eval" / f"{task.name}_{task.split}_{Path(args.model).name}"
+    for name in list(infos) or [None]:
+        if name is not None:
+            use_head(model, name)
+        asking = resolve_asking(args.template, args.prompt_style, infos.get(name))
+        settings = {"task": task.name, "split": task.split, "model": _model_id(args.model), "head": name,
+                    **asdict(asking), "closed_options": list(asking.closed_options),
+                    "closed_scoring": args.closed_scoring, "max_new_tokens": args.max_new_tokens, "dtype": dtype}
+        report = evaluate(model, processor, task, examples, asking, out / name if name else out, settings,
+                          batch_size=args.batch_size)
+        print(f"report: {report}")
+    return 0
+
+
+def evaluate(model, processor, task, examples, asking, out_dir: Path, settings: dict, *, batch_size: int) -> Path:
+    """Answer (or resume answering) `examples` into `out_dir`, then score and report; returns the report path."""
+    from medllava.io import JsonlLog
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_resume(out_dir, settings)
+    pred_path = out_dir / "predictions.jsonl"
+    with JsonlLog(pred_path) as pred_log:
+        stats = answer_questions(model, processor, task, examples, asking, pred_log, batch_size=batch_size,
+                                 max_new_tokens=settings["max_new_tokens"],
+                                 closed_scoring=settings["closed_scoring"], head=settings["head"])
+    return score_and_report(task, examples, pred_path, out_dir, settings, stats)
+
+
+def score_and_report(task, examples, pred_path: Path, out_dir: Path, settings: dict, stats: RunStats) -> Path:
+    """metrics.json, items.jsonl and report.md (with plots) for the questions answered in `out_dir`."""
+    from medllava.io import atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
+
+    from eval.report import table, write_report
+    from eval.score import print_summary, score_predictions
+
+    answered = {str(row.get("qid")) for _, row in read_jsonl(pred_path, skip_bad=True)}
+    if not answered:
+        raise ValueError(f"no question could be answered: {len(stats.skipped_images)} of {len(examples)} images "
+                         f"unreadable (first: {next(iter(stats.skipped_images.values()), 'none')})")
+    # Score what this folder answers: the questions asked now plus any answered by an earlier, larger run.
+    asked = {ex.qid for ex in examples}
+    scope = [ex for ex in task.examples if ex.qid in asked or ex.qid in answered]
+    results, items = score_predictions(task, pred_path, examples=scope)
+    run_facts = {**settings, "answered_now": stats.answered, "resumed": stats.resumed,
+                 "seconds": round(stats.seconds, 3),
+                 "questions_per_second": round(stats.questions_per_second, 3) if stats.questions_per_second else None,
+                 "skipped_images": stats.skipped_images}
+    results["run"] = run_facts
+    atomic_write_json(out_dir / "metrics.json", results)
+    write_jsonl(out_dir / "items.jsonl", items)
+    report = out_dir / "report.md"
+    write_report(results, report)
+    rows = [(k, _cell(v)) for k, v in run_facts.items()]
+    atomic_write_text(report, report.read_text() + "\n## Run\n\n" + table(("setting", "value"), rows) + "\n")
+    print_summary(results)
+    return report
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    if isinstance(value, dict):
+        return str(len(value))
+    return str(value)
+
+
+def _device_and_dtype(device: str, dtype: str) -> tuple[str, str]:
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is visible to torch")
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return device, dtype
+
+
+def _model_id(model: str) -> str:
+    path = Path(model)
+    return str(path.resolve()) if path.exists() else model

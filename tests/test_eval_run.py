@@ -1,0 +1,247 @@
+"""`medllava eval run` on the tiny model: end to end on VQA-RAD-format questions, resuming a
+killed run, batched answers equal to one-at-a-time answers, likelihood scoring checked
+against a direct per-candidate computation, and task heads."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import LlavaForConditionalGeneration
+
+from medllava.cli import main
+from medllava.heads import HeadInfo, write_head_info
+from medllava.templates import prompt_text
+
+from eval.generate import Asking, encode, generate_answers, greedy_config, length_batches, prompt_for
+from eval.likelihood import best, reply_text, score_candidates
+from eval.predictions import read_predictions
+from eval.run import resolve_asking
+from eval.tasks import load_task
+
+VQA_RAD = Path(__file__).parent / "assets" / "eval" / "vqa_rad"
+BROKEN, MISSING = "synpic35914.jpg", "synpic34515.jpg"  # the images of questions 733 and 47
+UNREADABLE = {"733", "47"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model's matrices are too small to share out: on a busy machine, waiting for a
+    second thread costs far more than the work itself."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def vqa_root(tmp_path_factory):
+    """The VQA-RAD fixture questions with small generated images; one image corrupt, one missing."""
+    root = tmp_path_factory.mktemp("vqa_rad")
+    shutil.copy(VQA_RAD / "testset.json", root)
+    (root / "images").mkdir()
+    names = sorted({r["image_name"] for r in json.loads((VQA_RAD / "testset.json").read_text())})
+    for i, name in enumerate(names):
+        if name == BROKEN:
+            (root / "images" / name).write_bytes(b"\xff\xd8 not really a JPEG")
+        elif name != MISSING:
+            pixels = (np.random.RandomState(i).rand(20, 24, 3) * 255).astype("uint8")
+            Image.fromarray(pixels).save(root / "images" / name, format="JPEG")
+    return root
+
+
+def images(n: int, size: int = 20) -> list:
+    return [Image.fromarray((np.random.RandomState(100 + i).rand(size, size, 3) * 255).astype("uint8"))
+            for i in range(n)]
+
+
+def eval_run(root, model, out, *extra: str) -> int:
+    return main(["eval", "run", "--task", "vqa-rad", "--root", str(root), "--model", str(model), "--out", str(out),
+                 "--max-new-tokens", "3", "--batch-size", "4", *extra])
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture
+def generated_rows(monkeypatch):
+    """Counts the rows that reach `generate` (so resumed questions can be shown not to)."""
+    counted = []
+    original = LlavaForConditionalGeneration.generate
+
+    def spy(self, *args, **kwargs):
+        counted.append(kwargs["input_ids"].shape[0])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlavaForConditionalGeneration, "generate", spy)
+    return counted
+
+
+def test_end_to_end_with_unreadable_images_skipped(vqa_root, tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert eval_run(vqa_root, tiny_checkpoint, out) == 0
+    preds = rows(out / "predictions.jsonl")
+    assert len(preds) == 14 and {p["qid"] for p in preds}.isdisjoint(UNREADABLE)
+    assert all(isinstance(p["prediction"], str) and p["scoring"] == "generate" for p in preds)
+    assert read_predictions(out / "predictions.jsonl").format == "medllava"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["n"], metrics["n_closed"], metrics["n_open"]) == (16, 10, 6)
+    assert metrics["pairing"]["method"] == "id" and set(metrics["pairing"]["missing"]) == UNREADABLE
+    run = metrics["run"]
+    assert set(run["skipped_images"]) == UNREADABLE and BROKEN in run["skipped_images"]["733"]
+    assert (run["answered_now"], run["resumed"], run["template"]) == (14, 0, "vicuna_v1")
+    report = (out / "report.md").read_text()
+    assert "## Strict" in report and "## Run" in report and "| skipped_images | 2 |" in report
+    assert (out / "report_confusion.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(rows(out / "items.jsonl")) == 16
+    assert f"report: {out / 'report.md'}" in capsys.readouterr().out
+
+
+def test_a_killed_run_resumes_without_regenerating(vqa_root, tiny_checkpoint, tmp_path, generated_rows, capsys):
+    out = tmp_path / "run"
+    assert eval_run(vqa_root, tiny_checkpoint, out, "--limit", "6") == 0
+    first = rows(out / "predictions.jsonl")
+    assert len(first) == 6 and sum(generated_rows) == 6
+    # Mark the answers already there, and leave a half-written last line as a kill would.
+    path = out / "predictions.jsonl"
+    path.write_text("".join(json.dumps({**r, "prediction": "PRESET"}) + "\n" for r in first) + '{"qid": "32", "pred')
+    generated_rows.clear()
+    assert eval_run(vqa_root, tiny_checkpoint, out) == 0
+    assert sum(generated_rows) == 16 - 6 - len(UNREADABLE)
+    after = rows(path)
+    assert [r["prediction"] for r in after[:6]] == ["PRESET"] * 6
+    assert len(after) == 14 and len({r["qid"] for r in after}) == 14
+    run = json.loads((out / "metrics.json").read_text())["run"]
+    assert (run["resumed"], run["answered_now"]) == (6, 8)
+    # Other settings would mix two runs in one file: refused.
+    assert eval_run(vqa_root, tiny_checkpoint, out, "--max-new-tokens", "5") == 1
+    assert "max_new_tokens: 3 -> 5" in capsys.readouterr().err
+
+
+def test_batches_are_length_sorted():
+    class Tok:
+        def __call__(self, texts, add_special_tokens):
+            return {"input_ids": [t.split() for t in texts]}
+
+    prompts = ["a", "a b c", "a b", "a b c d", "a b c"]
+    assert length_batches(prompts, Tok(), 2) == [[3, 1], [4, 2], [0]]
+
+
+def test_batched_answers_equal_one_at_a_time(tiny, vqa_root):
+    model, processor = tiny
+    task = load_task("vqa-rad", vqa_root)
+    prompts = [prompt_for(ex, Asking(), processor) for ex in task.examples[:5]]
+    assert len({len(p) for p in prompts}) == 5  # different lengths: the batch is padded
+    imgs = images(5)
+    batched = generate_answers(model, processor, prompts, imgs, max_new_tokens=6)
+    alone = [generate_answers(model, processor, [p], [im], max_new_tokens=6)[0] for p, im in zip(prompts, imgs)]
+    assert batched == alone
+    # Not only the argmax: every step's scores match those of the question asked alone.
+    config = greedy_config(model, processor, 4)
+    config.output_scores, config.return_dict_in_generate = True, True
+    with torch.inference_mode():
+        together = model.generate(**encode(processor, prompts, imgs, "cpu", torch.float32), generation_config=config)
+        for i in range(5):
+            single = model.generate(**encode(processor, prompts[i:i + 1], imgs[i:i + 1], "cpu", torch.float32),
+                                    generation_config=config)
+            assert torch.allclose(together.scores[0][i], single.scores[0][0], atol=1e-4)
+
+
+def direct_log_likelihood(model, processor, question, image, answer, template) -> float:
+    """log p(reply | prompt, image) from one unpadded forward pass over the whole sequence."""
+    prompt = prompt_text(question, template, processor)
+    add = template != "chat_template"
+    n_prompt = processor(text=prompt, images=image, return_tensors="pt", add_special_tokens=add)["input_ids"].shape[1]
+    full = processor(text=prompt + reply_text(question, answer, template, processor), images=image,
+                     return_tensors="pt", add_special_tokens=add)
+    with torch.no_grad():
+        logp = model(**full).logits[0].log_softmax(-1)
+    ids = full["input_ids"][0]
+    return sum(logp[i - 1, ids[i]].item() for i in range(n_prompt, len(ids)))
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "chat_template"])
+def test_likelihood_scores_match_a_direct_computation_in_one_forward_pass(tiny, template):
+    model, processor = tiny
+    questions = ["Is there a pleural effusion?", "Is this a CT or an MRI scan of the abdomen?", "Is it normal?"]
+    candidates = [["yes", "no"], ["CT", "MRI", "ultrasound"], ["yes", "no"]]
+    imgs = images(3)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        scores = score_candidates(model, processor, questions, imgs, candidates, template)
+    finally:
+        hook.remove()
+    assert len(calls) == 1  # all seven candidates of the three questions together
+    for q, im, options, got in zip(questions, imgs, candidates, scores):
+        direct = {c: direct_log_likelihood(model, processor, q, im, c, template) for c in options}
+        assert list(got) == options
+        assert all(math.isclose(got[c], direct[c], abs_tol=1e-3) for c in options)
+        assert best(got) == max(direct, key=direct.get)
+
+
+def test_closed_questions_answered_by_likelihood(vqa_root, tiny_checkpoint, tmp_path, generated_rows):
+    out = tmp_path / "run"
+    assert eval_run(vqa_root, tiny_checkpoint, out, "--closed-scoring", "likelihood", "--limit", "5") == 0
+    preds = {r["qid"]: r for r in rows(out / "predictions.jsonl")}
+    closed = [r for r in preds.values() if r["answer_type"] == "closed"]
+    assert len(closed) == 4 and preds["20"]["scoring"] == "generate" and sum(generated_rows) == 1
+    for r in closed:
+        assert r["scoring"] == "likelihood" and list(r["scores"]) == ["yes", "no"]
+        assert r["prediction"] == max(r["scores"], key=r["scores"].get)
+
+
+def make_head(base_dir: Path, out: Path, seed: int, info: HeadInfo) -> Path:
+    """A LoRA head (with its own projector) trained for nothing: random but non-zero updates."""
+    from peft import LoraConfig, get_peft_model
+
+    model = LlavaForConditionalGeneration.from_pretrained(base_dir)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj)$",
+                      modules_to_save=["multi_modal_projector"])
+    peft_model = get_peft_model(model, lora)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    peft_model.save_pretrained(out)
+    write_head_info(out, info)
+    return out
+
+
+def test_each_head_is_evaluated_in_turn_on_one_base(vqa_root, tiny_checkpoint, tmp_path, caplog):
+    a = make_head(tiny_checkpoint, tmp_path / "head_a", 1, HeadInfo(task="vqa-rad", template="mistral_instruct",
+                                                                    prompt_style="short"))
+    b = make_head(tiny_checkpoint, tmp_path / "head_b", 2, HeadInfo(task="vqa-rad"))
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="eval.run"):
+        assert eval_run(vqa_root, tiny_checkpoint, out, "--head", str(a), "--head", str(b), "--limit", "3",
+                        "--closed-scoring", "likelihood", "--prompt-style", "plain") == 0
+    assert "--prompt-style plain overrides the head's prompt_style 'short'" in caplog.text
+    settings = {h: json.loads((out / h / "run.json").read_text()) for h in ("head_a", "head_b")}
+    assert settings["head_a"]["template"] == "mistral_instruct" and settings["head_b"]["template"] == "vicuna_v1"
+    assert settings["head_a"]["prompt_style"] == settings["head_b"]["prompt_style"] == "plain"
+    preds = {h: {r["qid"]: r for r in rows(out / h / "predictions.jsonl")} for h in ("head_a", "head_b")}
+    assert all(r["head"] == h for h in preds for r in preds[h].values())
+    assert (out / "head_b" / "report.md").exists()
+    # Same template for both on a rerun: the scores differ only because another adapter is active.
+    again = tmp_path / "again"
+    assert eval_run(vqa_root, tiny_checkpoint, again, "--head", str(a), str(b), "--limit", "1",
+                    "--closed-scoring", "likelihood", "--template", "vicuna_v1") == 0
+    scores = [rows(again / h / "predictions.jsonl")[0]["scores"] for h in ("head_a", "head_b")]
+    assert not math.isclose(scores[0]["yes"], scores[1]["yes"], abs_tol=1e-3)
+
+
+def test_head_settings_apply_unless_a_flag_is_given():
+    info = HeadInfo(task="t", template="mistral_instruct", prompt_style="short", closed_options=["a", "b"])
+    assert resolve_asking(None, None, info) == Asking("mistral_instruct", "short", ("a", "b"))
+    assert resolve_asking("vicuna_v1", None, info) == Asking("vicuna_v1", "short", ("a", "b"))
+    assert resolve_asking(None, None) == Asking("vicuna_v1", "llava-med", ("yes", "no"))
