@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.config import LoraConfig, StageConfig
+from finetune.config import DataConfig, LoraConfig, StageConfig
 from finetune.trainer import build_trainer, complete_checkpoints, is_main_process, world_size
 from medllava.io import atomic_write_json
 from medllava.model import TRAINABLE, ModelConfig, build_model, module_of, save_model, set_trainable
@@ -45,8 +45,15 @@ def stage_done(out_dir: Path) -> dict | None:
     return json.loads(marker.read_text()) if marker.is_file() else None
 
 
-def run_stage(name: str, stage: StageConfig, start: ModelConfig, run: RunSettings, out_dir: Path) -> dict:
-    """Train one stage from `start` into `out_dir`; returns the stage's completion record."""
+def run_stage(
+    name: str, stage: StageConfig, start: ModelConfig, run: RunSettings, out_dir: Path,
+    val_data: DataConfig | None = None,
+) -> dict:
+    """Train one stage from `start` into `out_dir`; returns the stage's completion record.
+
+    `val_data` (task heads): a validation set evaluated at every save; the checkpoint with the lowest
+    validation loss is the one saved.
+    """
     from transformers import set_seed
 
     done = stage_done(out_dir)
@@ -70,10 +77,13 @@ def run_stage(name: str, stage: StageConfig, start: ModelConfig, run: RunSetting
     dataset, data_report = prepare_dataset(stage, processor, out_dir)
     if len(dataset) == 0:
         raise ValueError(f"stage {name}: no usable examples in {stage.data.path}\n{data_report['summary']}")
+    val_dataset = prepare_dataset(stage, processor, out_dir, data=val_data)[0] if val_data else None
     from medllava.data import Collator
 
     collator = Collator(pad_token_id=processor.tokenizer.pad_token_id)
-    trainer, trace, accumulation = build_trainer(model, processor, dataset, collator, stage, out_dir, run)
+    trainer, trace, accumulation = build_trainer(
+        model, processor, dataset, collator, stage, out_dir, run, eval_dataset=val_dataset
+    )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     if is_main_process():
@@ -100,6 +110,13 @@ def run_stage(name: str, stage: StageConfig, start: ModelConfig, run: RunSetting
         "trained_modules": list(modules),
         "lora": stage.lora.enabled,
     }
+    if val_dataset is not None:
+        record["validation"] = {
+            "examples": len(val_dataset),
+            "best_eval_loss": trainer.state.best_metric,
+            "best_checkpoint": trainer.state.best_model_checkpoint,
+            "eval_losses": [(h["step"], h["eval_loss"]) for h in trainer.state.log_history if "eval_loss" in h],
+        }
     if is_main_process():
         save_outputs(name, trainer.model, processor, stage.lora, out_dir)
         atomic_write_json(out_dir / STAGE_DONE, record)
@@ -133,18 +150,19 @@ def apply_lora(model, lora: LoraConfig, modules: tuple[str, ...]):
     return get_peft_model(model, peft_config)
 
 
-def prepare_dataset(stage: StageConfig, processor, out_dir: Path):
-    """Read the stage's records into Arrow, drop those whose images are missing (counted and
-    reported with the first few paths), and wrap them for lazy encoding."""
+def prepare_dataset(stage: StageConfig, processor, out_dir: Path, data: DataConfig | None = None):
+    """Read the stage's records (or those of `data`, a validation set) into Arrow, drop those whose
+    images are missing (counted and reported with the first few paths), and wrap them for lazy encoding."""
     from medllava.data import EncodedDataset, Encoder
     from medllava.records import ReadReport, load_records
 
-    if not stage.data.path:
+    data = data or stage.data
+    if not data.path:
         raise ValueError("data.path is not set: name the conversation file of this stage")
-    image_root = Path(stage.data.image_root or Path(stage.data.path).parent)
+    image_root = Path(data.image_root or Path(data.path).parent)
     read = ReadReport()
     rank = os.environ.get("RANK", "0")
-    records = load_records(stage.data.path, cache_dir=out_dir / ".cache" / f"rank{rank}", skip_bad=True, report=read)
+    records = load_records(data.path, cache_dir=out_dir / ".cache" / f"rank{rank}", skip_bad=True, report=read)
     missing: list[str] = []
 
     def has_images(rec) -> bool:
@@ -166,8 +184,8 @@ def prepare_dataset(stage: StageConfig, processor, out_dir: Path):
         f"{len(records)} usable" + "".join(f"\n  {m}" for m in (read.skipped[:3] + missing[:3]))
     )
     if is_main_process():
-        print(f"[data] {report['summary']}", flush=True)
-    encoder = Encoder(processor, template=stage.data.template, image_root=image_root, max_length=stage.data.max_length)
+        print(f"[data] {data.path}: {report['summary']}", flush=True)
+    encoder = Encoder(processor, template=data.template, image_root=image_root, max_length=data.max_length)
     return EncodedDataset(records, encoder), report
 
 

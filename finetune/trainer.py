@@ -6,6 +6,9 @@ bookkeeping: each batch carries the ids of its examples and of the examples that
 which examples every optimizer step saw (`data_order.jsonl`, written by rank 0 with every rank's
 shard), and counts what was skipped. Checkpoints get a completion marker once the Trainer's save
 has returned, so a run killed mid-save never resumes from a half-written checkpoint.
+
+With an evaluation set (task heads with a validation split), the model is evaluated at every save
+and the checkpoint with the lowest validation loss is the one loaded at the end of training.
 """
 
 from __future__ import annotations
@@ -103,8 +106,14 @@ def read_trace(path: Path) -> dict[int, list]:
     return order
 
 
-def build_trainer(model, processor, train_dataset, collator, stage: StageConfig, out_dir: Path, run):
-    """A Trainer for one stage. `run` carries run-wide settings: seed, bf16, deepspeed, report_to."""
+def build_trainer(
+    model, processor, train_dataset, collator, stage: StageConfig, out_dir: Path, run, eval_dataset=None
+):
+    """A Trainer for one stage. `run` carries run-wide settings: seed, bf16, deepspeed, report_to.
+
+    With `eval_dataset`, the validation loss is computed at every save (`save_steps`) and the best
+    checkpoint by that loss is restored when training ends.
+    """
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -121,11 +130,13 @@ def build_trainer(model, processor, train_dataset, collator, stage: StageConfig,
 
     class TracingTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            trace.add(inputs.pop("example_ids"), inputs.pop("skipped"))
+            ids, skipped = inputs.pop("example_ids"), inputs.pop("skipped")
+            if model.training:  # evaluation batches are not part of the data order
+                trace.add(ids, skipped)
             if inputs["input_ids"].numel() == 0:
                 # Every example of this micro-batch was skipped: a zero loss keeps all ranks in step.
                 zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
-                return (zero, None) if return_outputs else zero
+                return (zero, {}) if return_outputs else zero
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     accumulation = gradient_accumulation(stage, world_size())
@@ -157,13 +168,31 @@ def build_trainer(model, processor, train_dataset, collator, stage: StageConfig,
         ddp_backend="gloo" if world_size() > 1 and not on_gpu else None,
         ddp_find_unused_parameters=False,
         use_cpu=not on_gpu,
+        **_evaluation_arguments(stage, eval_dataset is not None),
     )
     trainer = TracingTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         data_collator=collator,
         processing_class=processor,
         callbacks=[Bookkeeping()],
     )
     return trainer, trace, accumulation
+
+
+def _evaluation_arguments(stage: StageConfig, evaluate: bool) -> dict:
+    """TrainingArguments that evaluate at every save and keep the checkpoint with the lowest
+    validation loss (only the loss is gathered: the logits of a validation set do not fit in memory)."""
+    if not evaluate:
+        return {}
+    return {
+        "eval_strategy": "steps",
+        "eval_steps": stage.save_steps,
+        "per_device_eval_batch_size": stage.per_device_batch_size,
+        "prediction_loss_only": True,
+        "load_best_model_at_end": True,
+        "metric_for_best_model": "eval_loss",
+        "greater_is_better": False,
+    }

@@ -18,6 +18,8 @@ COMMAND_MODULES = [
     "medllava.commands",
     "finetune.adapt",
     "medllava.convert",
+    "finetune.heads",
+    "medllava.chat",
     "curation.cli",
     "eval.cli",
 ]
