@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "medllava.convert",
     "finetune.heads",
     "medllava.chat",
+    "medllava.demo",
     "curation.cli",
     "eval.cli",
 ]

@@ -41,11 +41,15 @@ class TinySpec:
     image_size: int
     patch_size: int
     max_positions: int
+    init_std: float = 0.02
 
 
-# `tiny` is for unit tests (16 image tokens); `small` learns something in minutes on a CPU (64 image tokens).
+# `tiny` is for unit tests and the demo (16 image tokens); `small` learns something in minutes on a CPU
+# (64 image tokens). tiny's language model is initialised wider (std 1/sqrt(hidden)) so that, like a
+# pretrained model and unlike a 32-wide one at std 0.02, its frozen LM head can express confident
+# predictions: otherwise LoRA heads on it could never move its loss off ln(vocabulary).
 TINY_SPECS = {
-    "tiny": TinySpec(512, 32, 2, 4, 2, 32, 2, 16, 4, 1024),
+    "tiny": TinySpec(512, 32, 2, 4, 2, 32, 2, 16, 4, 1024, init_std=32**-0.5),
     "small": TinySpec(2048, 128, 4, 4, 4, 64, 2, 64, 8, 2048),
 }
 
@@ -129,6 +133,7 @@ def build_tiny(name: str, seed: int = 0):
             num_attention_heads=spec.heads,
             num_key_value_heads=spec.kv_heads,
             max_position_embeddings=spec.max_positions,
+            initializer_range=spec.init_std,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,

@@ -41,8 +41,8 @@ def test_check_on_the_embedded_demo(tmp_path, capsys):
     assert main(["check", "--report", str(report)]) == 0
     r = json.loads(report.read_text())
     assert r["records_read"] == r["examples_ok"] == 9 and r["examples_skipped"] == {}
-    # An untrained tiny model predicts about uniformly over its 512-token vocabulary: loss near ln(512).
-    assert 5.5 < r["loss"] < 7.0
+    # An untrained tiny model predicts nearly uniformly over its 512-token vocabulary: loss near ln(512) = 6.24.
+    assert 5.5 < r["loss"] < 8.0
     assert "9 usable" in capsys.readouterr().out
 
 
