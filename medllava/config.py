@@ -117,6 +117,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
     if tp is str:
+        if isinstance(value, bool):
+            # YAML reads unquoted yes/no/true/false as booleans; turning them into "True" would be silent.
+            raise ConfigError(f"{where}: expected a string, got the boolean {value!r} (quote it in YAML, e.g. 'yes')")
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return str(value)

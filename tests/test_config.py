@@ -57,7 +57,8 @@ def test_unknown_field_names_the_nearest_valid_one():
 @pytest.mark.parametrize(
     "data, message",
     [({"epochs": "three"}, "epochs: expected an integer"), ({"bf16": "maybe"}, "bf16: expected true or false"),
-     ({"optim": {"lr": "fast"}}, "optim.lr: expected a number"), ({"epochs": 1.5}, "epochs: expected an integer")],
+     ({"optim": {"lr": "fast"}}, "optim.lr: expected a number"), ({"epochs": 1.5}, "epochs: expected an integer"),
+     ({"modules": [True, False]}, r"modules\[0\]: expected a string, got the boolean True \(quote it")],
 )
 def test_mistyped_values_are_refused(data, message):
     with pytest.raises(ConfigError, match=message):
