@@ -102,6 +102,13 @@ class StageConfig:
     dataloader_workers: int = 4
     """Processes decoding images and tokenising in the background."""
 
+    packing: bool = False
+    """Pack each micro-batch's examples into one row (no padding; attention kept inside each example).
+    Pays off with flash-attention or flex attention; under sdpa the mask is dense."""
+
+    sparse_logits: bool = True
+    """Compute vocabulary logits only at supervised positions (same loss, far less memory)."""
+
     lora: LoraConfig = field(default_factory=LoraConfig)
     """Low-rank adapters (LoRA / QLoRA) instead of full training of the language model."""
 

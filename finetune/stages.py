@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.config import DataConfig, LoraConfig, StageConfig
-from finetune.trainer import build_trainer, complete_checkpoints, is_main_process, world_size
+from finetune.trainer import build_trainer, complete_checkpoints, is_main_process, training_arguments, world_size
 from medllava.io import atomic_write_json
-from medllava.model import TRAINABLE, ModelConfig, build_model, module_of, save_model, set_trainable
+from medllava.model import TRAINABLE, ModelConfig, build_model, save_model, set_trainable
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,11 @@ def run_stage(
         log.info("stage %s already complete in %s; not redone", name, out_dir)
         return done
     set_seed(run.seed)
-    # The model comes first: the processor it brings decides tokenisation and image size of the data.
+    if stage.lora.merge and _zero_stage(run.deepspeed) == 3:
+        raise ValueError(f"stage {name}: lora.merge needs whole weights, which ZeRO-3 shards; use ZeRO-2 or merge after the run")
+    # Arguments before the model: under ZeRO-3 they make from_pretrained load only this rank's shard.
+    args = training_arguments(stage, out_dir, run, evaluate=val_data is not None)
+    # The model before the data: the processor it brings decides tokenisation and image size.
     if stage.lora.quantize_4bit and not stage.lora.enabled:
         raise ValueError(f"stage {name}: lora.quantize_4bit needs lora.enabled (QLoRA trains adapters on a 4-bit model)")
     model, processor = build_model(start, quantize_4bit=stage.lora.quantize_4bit)
@@ -78,12 +82,14 @@ def run_stage(
     if len(dataset) == 0:
         raise ValueError(f"stage {name}: no usable examples in {stage.data.path}\n{data_report['summary']}")
     val_dataset = prepare_dataset(stage, processor, out_dir, data=val_data)[0] if val_data else None
-    from medllava.data import Collator
+    from medllava.data import Collator, supervised_loss
 
-    collator = Collator(pad_token_id=processor.tokenizer.pad_token_id)
-    trainer, trace, accumulation = build_trainer(
-        model, processor, dataset, collator, stage, out_dir, run, eval_dataset=val_dataset
+    collator = Collator(processor.tokenizer.pad_token_id, pack=stage.packing, sparse_logits=stage.sparse_logits)
+    trainer, trace = build_trainer(
+        model, processor, dataset, collator, args, out_dir, eval_dataset=val_dataset,
+        loss_func=supervised_loss if stage.sparse_logits else None,
     )
+    accumulation = args.gradient_accumulation_steps
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     if is_main_process():
@@ -117,11 +123,19 @@ def run_stage(
             "best_checkpoint": trainer.state.best_model_checkpoint,
             "eval_losses": [(h["step"], h["eval_loss"]) for h in trainer.state.log_history if "eval_loss" in h],
         }
+    save_outputs(name, trainer, processor, stage.lora, out_dir)
     if is_main_process():
-        save_outputs(name, trainer.model, processor, stage.lora, out_dir)
         atomic_write_json(out_dir / STAGE_DONE, record)
     _barrier()
     return record
+
+
+def _zero_stage(deepspeed_config: str | None) -> int | None:
+    if not deepspeed_config:
+        return None
+    import json
+
+    return json.loads(Path(deepspeed_config).read_text()).get("zero_optimization", {}).get("stage")
 
 
 def _barrier() -> None:
@@ -189,23 +203,30 @@ def prepare_dataset(stage: StageConfig, processor, out_dir: Path, data: DataConf
     return EncodedDataset(records, encoder), report
 
 
-def save_outputs(name: str, model, processor, lora: LoraConfig, out_dir: Path) -> None:
-    """Save what the stage produced (see the module docstring for the layout), each atomically."""
+def save_outputs(name: str, trainer, processor, lora: LoraConfig, out_dir: Path) -> None:
+    """Save what the stage produced (see the module docstring for the layout), each atomically.
+
+    Called on every rank: under ZeRO-3 the Trainer's save gathers the sharded weights, and only the
+    main process writes. Weights go to a staging folder first and are renamed into place whole.
+    """
+    from safetensors import safe_open
     from safetensors.torch import save
 
-    from medllava.io import atomic_dir, atomic_open
+    from medllava.io import atomic_open, replace_dir
 
-    if lora.enabled:
-        with atomic_dir(out_dir / "adapter") as tmp:
-            model.save_pretrained(tmp)
-        if lora.merge:
-            save_model(model.merge_and_unload(), processor, out_dir / "model")
-        return
-    if name == "align":
-        projector = {
-            n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
-            if module_of(n) == "multi_modal_projector"
-        }
+    target = out_dir / ("adapter" if lora.enabled else "model")
+    staging = out_dir / f".{target.name}.staging"
+    trainer.save_model(str(staging))  # the model, or the PEFT adapter (+ modules to save)
+    if is_main_process():
+        if not lora.enabled:
+            processor.save_pretrained(staging)
+        replace_dir(staging, target)
+    _barrier()
+    if lora.enabled and lora.merge and is_main_process():
+        save_model(trainer.model.merge_and_unload(), processor, out_dir / "model")
+    if name == "align" and not lora.enabled and is_main_process():
+        # The projector on its own, read back from the saved (gathered) weights.
+        with safe_open(str(target / "model.safetensors"), "pt") as f:
+            projector = {k: f.get_tensor(k) for k in f.keys() if "multi_modal_projector" in k}
         with atomic_open(out_dir / "projector.safetensors", "wb") as f:
             f.write(save(projector))
-    save_model(model, processor, out_dir / "model")

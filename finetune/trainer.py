@@ -1,7 +1,7 @@
 """The one training wrapper every stage and task head uses: `transformers.Trainer` + PEFT + DeepSpeed.
 
-`build_trainer` turns a StageConfig into TrainingArguments and a Trainer whose only addition is
-bookkeeping: each batch carries the ids of its examples and of the examples that were skipped
+`training_arguments` turns a StageConfig into TrainingArguments and `build_trainer` makes a
+Trainer whose only addition is bookkeeping: each batch carries the ids of its examples and of the examples that were skipped
 (missing or unreadable images, too long); the trainer strips them before the forward pass, records
 which examples every optimizer step saw (`data_order.jsonl`, written by rank 0 with every rank's
 shard), and counts what was skipped. Checkpoints get a completion marker once the Trainer's save
@@ -106,45 +106,17 @@ def read_trace(path: Path) -> dict[int, list]:
     return order
 
 
-def build_trainer(
-    model, processor, train_dataset, collator, stage: StageConfig, out_dir: Path, run, eval_dataset=None
-):
-    """A Trainer for one stage. `run` carries run-wide settings: seed, bf16, deepspeed, report_to.
-
-    With `eval_dataset`, the validation loss is computed at every save (`save_steps`) and the best
-    checkpoint by that loss is restored when training ends.
-    """
+def training_arguments(stage: StageConfig, out_dir: Path, run, evaluate: bool = False):
+    """TrainingArguments of one stage. Create them before the model is loaded: under DeepSpeed ZeRO-3
+    they register the config that makes `from_pretrained` load each rank's shard only."""
     import torch
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import TrainingArguments
 
-    trace = StepTrace(out_dir / "data_order.jsonl")
-
-    class Bookkeeping(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            trace.flush(state.global_step)
-
-        def on_save(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
-                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                atomic_write_json(ckpt / COMPLETE_MARKER, {"global_step": state.global_step})
-
-    class TracingTrainer(Trainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            ids, skipped = inputs.pop("example_ids"), inputs.pop("skipped")
-            if model.training:  # evaluation batches are not part of the data order
-                trace.add(ids, skipped)
-            if inputs["input_ids"].numel() == 0:
-                # Every example of this micro-batch was skipped: a zero loss keeps all ranks in step.
-                zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
-                return (zero, {}) if return_outputs else zero
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-    accumulation = gradient_accumulation(stage, world_size())
     on_gpu = torch.cuda.is_available()
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(out_dir / "checkpoints"),
         per_device_train_batch_size=stage.per_device_batch_size,
-        gradient_accumulation_steps=accumulation,
+        gradient_accumulation_steps=gradient_accumulation(stage, world_size()),
         learning_rate=stage.learning_rate,
         num_train_epochs=stage.epochs,
         max_steps=stage.max_steps,
@@ -168,8 +140,41 @@ def build_trainer(
         ddp_backend="gloo" if world_size() > 1 and not on_gpu else None,
         ddp_find_unused_parameters=False,
         use_cpu=not on_gpu,
-        **_evaluation_arguments(stage, eval_dataset is not None),
+        **_evaluation_arguments(stage, evaluate),
     )
+
+
+def build_trainer(model, processor, train_dataset, collator, args, out_dir: Path, eval_dataset=None, loss_func=None):
+    """A Trainer for one stage with `args` from `training_arguments`.
+
+    With `eval_dataset`, the validation loss is computed at every save (`save_steps`) and the best
+    checkpoint by that loss is restored when training ends. `loss_func` replaces the model's own loss
+    (`medllava.data.supervised_loss` with a sparse-logits collator).
+    """
+    from transformers import Trainer, TrainerCallback
+
+    trace = StepTrace(out_dir / "data_order.jsonl")
+
+    class Bookkeeping(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            trace.flush(state.global_step)
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                atomic_write_json(ckpt / COMPLETE_MARKER, {"global_step": state.global_step})
+
+    class TracingTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            ids, skipped = inputs.pop("example_ids"), inputs.pop("skipped")
+            if model.training:  # evaluation batches are not part of the data order
+                trace.add(ids, skipped)
+            if inputs["input_ids"].numel() == 0:
+                # Every example of this micro-batch was skipped: a zero loss keeps all ranks in step.
+                zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+                return (zero, {}) if return_outputs else zero
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
     trainer = TracingTrainer(
         model=model,
         args=args,
@@ -177,9 +182,10 @@ def build_trainer(
         eval_dataset=eval_dataset,
         data_collator=collator,
         processing_class=processor,
+        compute_loss_func=loss_func,
         callbacks=[Bookkeeping()],
     )
-    return trainer, trace, accumulation
+    return trainer, trace
 
 
 def _evaluation_arguments(stage: StageConfig, evaluate: bool) -> dict:
