@@ -6,10 +6,9 @@ function, so building the parser stays cheap.
 
 from __future__ import annotations
 
-import importlib
+from medllava.cli import register_group
 
-# Step modules with a `register(subparsers)`; a step is listed once it works.
-STEP_MODULES: list[str] = [
+STEP_MODULES = [
     "curation.extract",
     "curation.classify",
     "curation.dedupe",
@@ -20,13 +19,8 @@ STEP_MODULES: list[str] = [
 
 
 def register(subparsers) -> None:
-    if not STEP_MODULES:
-        return
-    parser = subparsers.add_parser(
-        "curate",
+    register_group(
+        subparsers, "curate", STEP_MODULES, dest="curate_step",
         help="build alignment and instruction sets from PMC figure-caption data",
         description="Curate PMC Open Access figure-caption pairs into training sets.",
     )
-    steps = parser.add_subparsers(dest="curate_step", metavar="STEP", required=True)
-    for name in STEP_MODULES:
-        importlib.import_module(name).register(steps)

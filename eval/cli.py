@@ -1,4 +1,4 @@
-"""`medllava eval ...`: scoring and benchmark runs.
+"""`medllava eval ...`: answer, score and judge medical VQA benchmarks.
 
 Each subcommand module exposes `register(subparsers)` and keeps heavy imports inside its
 run function.
@@ -6,20 +6,14 @@ run function.
 
 from __future__ import annotations
 
-import importlib
+from medllava.cli import register_group
 
-# Subcommand modules with a `register(subparsers)`; one is listed once it works.
-SUBCOMMAND_MODULES: list[str] = ["eval.score", "eval.run", "eval.judge"]
+SUBCOMMAND_MODULES = ["eval.score", "eval.run", "eval.judge"]
 
 
 def register(subparsers) -> None:
-    if not SUBCOMMAND_MODULES:
-        return
-    parser = subparsers.add_parser(
-        "eval",
+    register_group(
+        subparsers, "eval", SUBCOMMAND_MODULES, dest="eval_command",
         help="evaluate models on medical VQA benchmarks",
         description="Answer, score and judge medical VQA benchmarks.",
     )
-    subs = parser.add_subparsers(dest="eval_command", metavar="SUBCOMMAND", required=True)
-    for name in SUBCOMMAND_MODULES:
-        importlib.import_module(name).register(subs)

@@ -26,6 +26,14 @@ COMMAND_MODULES = [
 ]
 
 
+def register_group(subparsers, name: str, modules: list[str], dest: str, help: str, description: str) -> None:
+    """A command with subcommands (`medllava curate extract`), each from a module's `register`."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    subs = parser.add_subparsers(dest=dest, metavar="SUBCOMMAND", required=True)
+    for module in modules:
+        importlib.import_module(module).register(subs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medllava",
