@@ -13,8 +13,7 @@ import dataclasses
 from pathlib import Path
 
 from finetune.config import AdaptConfig
-from medllava.config import ConfigError, add_config_help, dump_yaml, load_config, to_dict
-from medllava.io import atomic_write_text
+from medllava.config import add_config_help, claim_run_dir, load_config
 
 STAGES = ("align", "instruct")
 
@@ -46,7 +45,8 @@ def run_adapt(cfg: AdaptConfig, stages: list[str], command: str = "") -> dict[st
     from finetune.trainer import is_main_process
 
     run_dir = Path(cfg.run_dir)
-    _claim_run_dir(run_dir, cfg, command, is_main_process())
+    claim_run_dir(run_dir, cfg, command or "medllava adapt", f"medllava adapt --config {run_dir / 'config.yaml'}",
+                  is_main_process())
     settings = RunSettings(seed=cfg.seed, bf16=cfg.bf16, deepspeed=cfg.deepspeed, report_to=tuple(cfg.report_to))
     records = {}
     for name in stages:
@@ -69,35 +69,3 @@ def run_adapt(cfg: AdaptConfig, stages: list[str], command: str = "") -> dict[st
             for example in r["skipped_examples"][:5]:
                 print(f"  skipped {example}", flush=True)
     return records
-
-
-def _claim_run_dir(run_dir: Path, cfg: AdaptConfig, command: str, main_process: bool) -> None:
-    """Write config.yaml into the run directory, or check that a resumed run uses the same config.
-
-    Resuming with a different config would mix two runs in one folder; it is refused, naming the
-    fields that differ.
-    """
-    saved = run_dir / "config.yaml"
-    if saved.is_file():
-        previous = load_config(AdaptConfig, saved)
-        before, after = _flatten(to_dict(previous)), _flatten(to_dict(cfg))
-        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-        if changed:
-            raise ConfigError(
-                f"{saved}: this run directory holds a run with a different config ({', '.join(changed)}); "
-                "use a new run_dir, or the same config to resume"
-            )
-        return
-    if main_process:
-        header = f"Started by: {command or 'medllava adapt'}\nReproduce with: medllava adapt --config {saved}"
-        atomic_write_text(saved, dump_yaml(cfg, header=header))
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

@@ -27,8 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune.config import DataConfig, LoraConfig, StageConfig
-from medllava.config import ConfigError, add_config_help, dump_yaml, load_config, to_dict
-from medllava.io import atomic_write_text
+from medllava.config import ConfigError, add_config_help, claim_run_dir, load_config
 from medllava.model import ModelConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs" / "heads"
@@ -179,7 +178,8 @@ def run_finetune(cfg: FinetuneConfig, command: str = "") -> dict:
     run_dir = Path(cfg.run_dir)
     # The data is read before the run folder is claimed, so a wrong dataset path leaves no run behind.
     made = read_task_data(cfg, run_dir / "data")
-    claim_run_dir(run_dir, cfg, command, is_main_process())
+    claim_run_dir(run_dir, cfg, command or "medllava finetune", f"medllava finetune --task {run_dir / 'config.yaml'}",
+                  is_main_process())
     train_data, val_data = write_task_data(cfg, made, run_dir / "data")
     return train_head(cfg, train_data, val_data)
 
@@ -264,28 +264,3 @@ def publish_head(src: Path, out: Path, info) -> None:
     with atomic_dir(out) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True, copy_function=link_or_copy)
         write_head_info(tmp, info)
-
-
-def claim_run_dir(run_dir: Path, cfg: FinetuneConfig, command: str, main_process: bool) -> None:
-    """Write config.yaml into the run folder, or refuse to resume a run made with another config."""
-    saved = run_dir / "config.yaml"
-    if saved.is_file():
-        before, after = _flatten(to_dict(load_config(FinetuneConfig, saved))), _flatten(to_dict(cfg))
-        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-        if changed:
-            raise ConfigError(f"{saved}: this run folder holds a run with a different config ({', '.join(changed)}); "
-                              "use a new run_dir, or the same config to resume")
-        return
-    if main_process:
-        header = f"Started by: {command or 'medllava finetune'}\nReproduce with: medllava finetune --task {saved}"
-        atomic_write_text(saved, dump_yaml(cfg, header=header))
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

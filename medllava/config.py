@@ -236,3 +236,33 @@ def add_config_help(parser, cls: type) -> None:
         first = docs.get(f.name, "").split("\n")[0]
         lines.append(f"  {f.name}{default}: {first}")
     parser.epilog = "\n".join(lines)
+
+
+def claim_run_dir(run_dir: str | Path, cfg, started_by: str, reproduce: str, main_process: bool = True) -> None:
+    """Write `cfg` as `<run_dir>/config.yaml`, or check that a run resumed there uses the same config.
+
+    Resuming with a different config would mix two runs in one folder; it is refused, naming the
+    fields that differ. Only the main process writes.
+    """
+    saved = Path(run_dir) / "config.yaml"
+    if saved.is_file():
+        before, after = _flatten(to_dict(load_config(type(cfg), saved))), _flatten(to_dict(cfg))
+        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        if changed:
+            raise ConfigError(
+                f"{saved}: this run folder holds a run with a different config ({', '.join(changed)}); "
+                "use a new run_dir, or the same config to resume"
+            )
+        return
+    if main_process:
+        atomic_write_text(saved, dump_yaml(cfg, header=f"Started by: {started_by}\nReproduce with: {reproduce}"))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -37,7 +37,8 @@ from eval.metrics.stats import bootstrap_ci  # noqa: E402
 from eval.scoring import score_examples  # noqa: E402
 from eval.tasks import CLOSED, load_task  # noqa: E402
 from finetune.config import DataConfig, StageConfig  # noqa: E402
-from finetune.heads import FinetuneConfig, HeadSettings, claim_run_dir, train_head  # noqa: E402
+from finetune.heads import FinetuneConfig, HeadSettings, train_head  # noqa: E402
+from medllava.config import claim_run_dir  # noqa: E402
 from finetune.splits import assign_groups  # noqa: E402
 from finetune.task_data import task_records  # noqa: E402
 from medllava.io import atomic_write_json, write_jsonl  # noqa: E402
@@ -123,7 +124,8 @@ def train_condition(name: str, args, records: dict[str, list[dict]], image_root:
     cfg = FinetuneConfig(run_dir=str(run_dir), base=ModelConfig(name_or_path=args.model, seed=args.seed),
                          head=HeadSettings(full=True), train=stage, seed=args.seed, bf16=False, report_to=["none"])
     # A folder holding a run with other settings is refused, so results never mix two runs.
-    claim_run_dir(run_dir, cfg, " ".join(sys.argv), main_process=True)
+    command = "python " + " ".join(sys.argv)
+    claim_run_dir(run_dir, cfg, command, command)
     data = {}
     for split, rows in records.items():
         write_jsonl(run_dir / f"{split}.jsonl", rows)
