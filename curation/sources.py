@@ -94,10 +94,7 @@ def llava_med_records(path: str | os.PathLike, report) -> Iterator[dict]:
     """Figure records from a LLaVA-Med file; bad records are skipped and counted in `report`."""
     errors: list[str] = []
     for where, obj in iter_llava_med(path, errors):
-        for msg in errors:
-            report.read += 1
-            report.skip("not a JSON object", msg)
-        errors.clear()
+        _count_broken_lines(errors, report)
         report.read += 1
         try:
             if not isinstance(obj, dict):
@@ -105,9 +102,15 @@ def llava_med_records(path: str | os.PathLike, report) -> Iterator[dict]:
             yield llava_med_to_figure(obj)
         except DataError as e:
             report.skip("bad LLaVA-Med record", f"{path}: {where}: {e}")
+    _count_broken_lines(errors, report)
+
+
+def _count_broken_lines(errors: list[str], report) -> None:
+    """Count (as read and skipped) the unparseable lines the reader noted since the last call."""
     for msg in errors:
         report.read += 1
         report.skip("not a JSON object", msg)
+    errors.clear()
 
 
 def pmc15m_to_figure(obj: dict) -> dict:
@@ -141,15 +144,10 @@ def pmc15m_records(path: str | os.PathLike, report) -> Iterator[dict]:
     """Figure records from a PMC-15M-style JSONL file; bad lines are skipped and counted."""
     errors: list[str] = []
     for lineno, obj in read_jsonl(path, skip_bad=True, errors=errors):
-        for msg in errors:
-            report.read += 1
-            report.skip("not a JSON object", msg)
-        errors.clear()
+        _count_broken_lines(errors, report)
         report.read += 1
         try:
             yield pmc15m_to_figure(obj)
         except DataError as e:
             report.skip("bad PMC-15M row", f"{path}:{lineno}: {e}")
-    for msg in errors:
-        report.read += 1
-        report.skip("not a JSON object", msg)
+    _count_broken_lines(errors, report)

@@ -144,6 +144,20 @@ class Task:
         raise NotImplementedError
 
     # -- shared machinery ------------------------------------------------------------------
+    def _first_release(self, candidates: dict[str, list], looked_for: str) -> Path:
+        """The first existing file among `candidates` (release name -> paths, in preference order),
+        or only among the release the `source` option names."""
+        source = self.options.get("source", "auto")
+        if source != "auto" and source not in candidates:
+            raise ValueError(f"{self.name}: unknown source {source!r}; choose from auto, {', '.join(candidates)}")
+        order = list(candidates) if source == "auto" else [source]
+        for name in order:
+            for path in candidates[name]:
+                if path is not None and path.exists():
+                    return path
+        raise FileNotFoundError(f"{self.name}: no {'/'.join(order)} release for split {self.split!r} under {self.root} "
+                                f"(looked for {looked_for})")
+
     def _check_split(self, split: str) -> str:
         if split not in self.splits:
             raise ValueError(f"{self.name}: unknown split {split!r}; choose from {', '.join(self.splits)}")

@@ -24,7 +24,6 @@ from medllava.io import DataError
 from eval.tasks import formats
 from eval.tasks.base import Example, Task, answer_text, infer_answer_type
 
-SOURCES = ("auto", "lxmert", "pickle", "parquet")
 _SPLIT_ALIASES = {"validate": "val", "validation": "val"}
 
 
@@ -45,22 +44,13 @@ class PathVqa(Task):
         return super()._check_split(_SPLIT_ALIASES.get(split, split))
 
     def _find_file(self) -> Path:
-        source = self.options.get("source", "auto")
-        if source not in SOURCES:
-            raise ValueError(f"pathvqa: unknown source {source!r}; choose from {', '.join(SOURCES)}")
         s, root = self.split, self.root
         candidates = {
             "lxmert": [root / f"pvqa_{s}.json", root / f"{s}.json"],
             "pickle": [root / "qas" / f"{s}_vqa.pkl", root / "qas" / s / f"{s}_qa.pkl"],
             "parquet": [formats.find_parquet(root, s)],
         }
-        order = ["lxmert", "pickle", "parquet"] if source == "auto" else [source]
-        for name in order:
-            for path in candidates[name]:
-                if path is not None and path.exists():
-                    return path
-        raise FileNotFoundError(f"pathvqa: no {'/'.join(order)} release for split {s!r} under {root} "
-                                f"(looked for pvqa_{s}.json, qas/{s}_vqa.pkl, qas/{s}/{s}_qa.pkl, data/{s}-*.parquet)")
+        return self._first_release(candidates, f"pvqa_{s}.json, qas/{s}_vqa.pkl, qas/{s}/{s}_qa.pkl, data/{s}-*.parquet")
 
     def _records(self, path: Path) -> Iterator[tuple[str, dict]]:
         if path.suffix.lower() in (".pkl", ".pickle"):

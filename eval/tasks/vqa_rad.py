@@ -26,7 +26,6 @@ from eval.tasks.base import Example, Task, answer_text, parse_answer_type, requi
 
 OFFICIAL_NAMES = ("VQA_RAD_Dataset_Public.json", "VQA_RAD Dataset Public.json")
 IMAGE_DIRS = ("images", "VQA_RAD Image Folder")
-SOURCES = ("auto", "mevf", "official", "parquet")
 # Fields promoted out of `meta` into the Example itself.
 _PROMOTED = ("qid", "question", "answer", "answer_type", "image_name")
 
@@ -40,21 +39,13 @@ class VqaRad(Task):
     known_options = frozenset({"source"})
 
     def _find_file(self) -> Path:
-        source = self.options.get("source", "auto")
-        if source not in SOURCES:
-            raise ValueError(f"vqa-rad: unknown source {source!r}; choose from {', '.join(SOURCES)}")
         candidates = {
             "mevf": [self.root / f"{self.split}set.json"],
             "official": [self.root / name for name in OFFICIAL_NAMES],
             "parquet": [formats.find_parquet(self.root, self.split)],
         }
-        order = ["mevf", "official", "parquet"] if source == "auto" else [source]
-        for name in order:
-            for path in candidates[name]:
-                if path is not None and path.exists():
-                    return path
-        raise FileNotFoundError(f"vqa-rad: no {'/'.join(order)} release for split {self.split!r} under {self.root} "
-                                f"(looked for {self.split}set.json, {OFFICIAL_NAMES[0]}, data/{self.split}-*.parquet)")
+        return self._first_release(
+            candidates, f"{self.split}set.json, {OFFICIAL_NAMES[0]}, data/{self.split}-*.parquet")
 
     def _records(self, path: Path) -> Iterator[tuple[str, dict]]:
         self._image_dir = next((d for d in IMAGE_DIRS if (self.root / d).is_dir()), IMAGE_DIRS[0])
