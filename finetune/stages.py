@@ -7,6 +7,9 @@ Stage folder layout (`<run_dir>/<stage>/`):
     adapter/                    LoRA adapter (+ projector) when LoRA is on
     projector.safetensors       the projector alone (stage 1), small enough to share
     data_order.jsonl            which examples every optimizer step saw
+    skipped.jsonl               every example dropped from a batch while training (unreadable image,
+                                too long), with its step
+    skipped_<data>.jsonl        every record left out before training (invalid, image missing)
     stage_complete.json         written last: a stage with it is never redone
 """
 
@@ -19,7 +22,7 @@ from pathlib import Path
 
 from finetune.config import DataConfig, LoraConfig, StageConfig
 from finetune.trainer import build_trainer, complete_checkpoints, is_main_process, training_arguments, world_size
-from medllava.io import atomic_write_json
+from medllava.io import atomic_write_json, write_jsonl
 from medllava.model import TRAINABLE, ModelConfig, build_model, save_model, set_trainable
 
 log = logging.getLogger(__name__)
@@ -105,14 +108,15 @@ def run_stage(
     if resume and is_main_process():
         print(f"[{name}] resuming from {resume}", flush=True)
     result = trainer.train(resume_from_checkpoint=resume)
+    skip_counts, skip_examples = trace.summary()
     record = {
         "stage": name,
         "steps": trainer.state.global_step,
         "train_loss": result.training_loss,
         "examples": len(dataset),
         "data": data_report,
-        "skipped_in_batches": dict(trace.skipped),
-        "skipped_examples": trace.skipped_examples,
+        "skipped_in_batches": dict(skip_counts),
+        "skipped_examples": skip_examples,
         "trained_modules": list(modules),
         "lora": stage.lora.enabled,
     }
@@ -199,6 +203,11 @@ def prepare_dataset(stage: StageConfig, processor, out_dir: Path, data: DataConf
     )
     if is_main_process():
         print(f"[data] {data.path}: {report['summary']}", flush=True)
+        # Every record left out before training, for the people who fix the data.
+        listed = out_dir / f"skipped_{Path(data.path).stem}.jsonl"
+        write_jsonl(listed, [{"reason": "invalid record", "detail": m} for m in read.skipped]
+                    + [{"reason": "missing image", "detail": m} for m in missing])
+        report["skipped_list"] = str(listed)
     encoder = Encoder(processor, template=data.template, image_root=image_root, max_length=data.max_length)
     return EncodedDataset(records, encoder), report
 

@@ -65,33 +65,50 @@ def complete_checkpoints(folder: Path) -> list[Path]:
 
 
 class StepTrace:
-    """Example ids seen in the current optimizer step, and skip counts, for this process."""
+    """What each optimizer step saw and skipped, gathered from every rank and written by rank 0:
+    `data_order.jsonl` (example ids per step) and `skipped.jsonl` (every example dropped from a batch,
+    with the step and the reason)."""
 
     def __init__(self, path: Path):
         self.path = path
+        self.skipped_path = path.with_name("skipped.jsonl")
         self.ids: list[str] = []
-        self.skipped: Counter = Counter()
-        self.skipped_examples: list[str] = []
+        self.skips: list[tuple[str, str]] = []
 
     def add(self, ids: list[str], skipped: list[tuple[str, str]]) -> None:
         self.ids.extend(ids)
-        for reason, detail in skipped:
-            self.skipped[reason] += 1
-            if len(self.skipped_examples) < 20:
-                self.skipped_examples.append(f"{reason}: {detail}")
+        self.skips.extend(skipped)
 
     def flush(self, step: int) -> None:
-        """Write the step's ids from every rank (gathered to rank 0), then start the next step."""
-        shards = [self.ids]
+        """Write the step's ids and skips from every rank (gathered to rank 0), then start the next step."""
+        shards = [(self.ids, self.skips)]
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             shards = [None] * dist.get_world_size()
-            dist.all_gather_object(shards, self.ids)
+            dist.all_gather_object(shards, (self.ids, self.skips))
         if is_main_process():
+            ids = [shard_ids for shard_ids, _ in shards]
             with JsonlLog(self.path) as trace:
-                trace.append({"step": step, "ids": shards[0] if len(shards) == 1 else shards})
-        self.ids = []
+                trace.append({"step": step, "ids": ids[0] if len(ids) == 1 else ids})
+            skipped = [skip for _, shard_skips in shards for skip in shard_skips]
+            if skipped:
+                with JsonlLog(self.skipped_path) as log_file:
+                    for reason, detail in skipped:
+                        log_file.append({"step": step, "reason": reason, "detail": detail})
+        self.ids, self.skips = [], []
+
+    def summary(self) -> tuple[Counter, list[str]]:
+        """Skip counts by reason and the first few skipped examples, over the whole stage (a step
+        written again after a resume counts once)."""
+        rows: dict[tuple, dict] = {}
+        if self.skipped_path.is_file():
+            for line in self.skipped_path.read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    rows[(row["step"], row["reason"], row["detail"])] = row
+        counts = Counter(row["reason"] for row in rows.values())
+        return counts, [f"{r['reason']}: {r['detail']}" for r in list(rows.values())[:20]]
 
 
 def read_trace(path: Path) -> dict[int, list]:

@@ -239,3 +239,29 @@ def test_packed_sparse_and_plain_stages_log_the_same_first_loss(tmp_path):
         state = tmp_path / name / "instruct" / "checkpoints" / "checkpoint-1" / "trainer_state.json"
         first[name] = json.loads(state.read_text())["log_history"][0]["loss"]
     assert first["plain"] == pytest.approx(first["packed"], abs=1e-4)
+
+
+def test_bad_records_and_images_are_skipped_counted_and_listed(tmp_path):
+    import shutil
+
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()][:4]
+    images = tmp_path / "images"
+    shutil.copytree(IMAGES, images)
+    (images / "corrupt.jpg").write_bytes((IMAGES / rows[0]["image"]).read_bytes()[:200])  # truncated JPEG
+    rows += [dict(rows[0], id="corrupt", image="corrupt.jpg"), dict(rows[1], id="absent", image="absent.jpg"),
+             dict(rows[2], id="escape", image="../outside.jpg")]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
+    long = stage(data, max_steps=-1, epochs=1, global_batch_size=5, per_device_batch_size=5)
+    long["data"]["image_root"] = str(images)
+    record = run_adapt(from_dict(AdaptConfig, config(tmp_path / "run", instruct=long)), ["instruct"])["instruct"]
+    out = tmp_path / "run" / "instruct"
+    assert record["data"]["records_invalid"] == 2 and record["data"]["missing_images"] == 1
+    listed = [json.loads(line) for line in (out / "skipped_d.jsonl").read_text().splitlines()]
+    assert sorted(r["reason"] for r in listed) == ["invalid record", "invalid record", "missing image"]
+    assert any("escapes the image root" in r["detail"] for r in listed) and any("d.jsonl:8" in r["detail"] for r in listed)
+    assert record["skipped_in_batches"] == {"unreadable image": 1}
+    [row] = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert row["reason"] == "unreadable image" and "corrupt.jpg" in row["detail"] and row["step"] == 1
+    order = read_trace(out / "data_order.jsonl")
+    assert sorted(order[1]) == sorted(r["id"] for r in rows[:4])  # trained on the good ones only
