@@ -255,7 +255,7 @@ def claim_run_dir(run_dir: str | Path, cfg, started_by: str, reproduce: str, mai
             )
         return
     if main_process:
-        atomic_write_text(saved, dump_yaml(cfg, header=f"Started by: {started_by}\nReproduce with: {reproduce}"))
+        save_config(cfg, saved, header=f"Started by: {started_by}\nReproduce with: {reproduce}")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
