@@ -2,7 +2,12 @@
 
 Each question becomes one record, `{"id", "image", "conversations": [human, gpt]}`, whose human
 turn is `<image>` and the question in the head's prompt style (`medllava.prompts.format_question`,
-the same function evaluation asks with) and whose reply is the dataset's answer.
+the same function evaluation asks with) and whose reply is the dataset's answer. A closed answer
+that is one of the head's closed options up to case and spaces is written as the option is spelled
+("Yes", "yes" and "YES" all become "yes"): releases mix spellings (VQA-RAD's training split has
+"No" 738, "Yes" 513, "yes" 315, "no" 146 times), and a model taught several spellings of one answer
+splits that answer's probability between them, so greedy decoding leans to the answer whose
+spelling is most uniform instead of the likelier answer.
 
 Images: a DICOM series folder becomes its middle slice (`medllava.chat.series_slice`); an image
 stored inside the release file (parquet releases) is written once under `bytes_dir`, named by the
@@ -55,12 +60,25 @@ def task_records(task, prompt_style: str, closed_options: list[str], bytes_dir: 
             "id": ex.qid,
             "image": path.relative_to(root).as_posix(),
             "conversations": conversation(
-                format_question(ex.question, prompt_style, ex.answer_type, tuple(closed_options)), ex.answer
+                format_question(ex.question, prompt_style, ex.answer_type, tuple(closed_options)),
+                reply(ex.answer, ex.answer_type, closed_options),
             ),
         }
         for ex, path in kept
     ]
     return TaskRecords(records, root, skipped)
+
+
+def reply(answer: str, answer_type: str, closed_options: list[str]) -> str:
+    """The answer as trained: a closed answer matching a closed option (case and spaces aside) is
+    spelled as the option; every other answer is kept as the dataset has it."""
+    from eval.tasks import CLOSED
+
+    if answer_type == CLOSED:
+        for option in closed_options:
+            if answer.strip().lower() == option.strip().lower():
+                return option
+    return answer
 
 
 def image_file(task, example, bytes_dir: Path) -> Path:

@@ -302,3 +302,13 @@ def test_series_folders_and_inline_images_become_files(tmp_path):
     files = {made.image_root / r["image"] for r in made.records}
     assert len(files) == 1 and next(iter(files)).read_bytes() == jpeg  # one file per distinct image
     assert made.records[0]["conversations"][0]["value"].endswith("[yes, no]")
+
+
+def test_closed_answers_are_spelled_as_the_options():
+    from eval.tasks import CLOSED, OPEN
+    from finetune.task_data import reply
+
+    options = ["yes", "no"]
+    assert [reply(a, CLOSED, options) for a in ("Yes", "YES ", "no", "No")] == ["yes", "yes", "no", "no"]
+    assert reply("Left", CLOSED, options) == "Left"  # not an option: kept as it is
+    assert reply("Yes", OPEN, options) == "Yes"  # open answers are never rewritten
