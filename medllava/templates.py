@@ -88,16 +88,17 @@ def render(
             if t["from"] == HUMAN:
                 b.add("USER: " + t["value"].replace(IMAGE_PLACEHOLDER, image_text) + " ASSISTANT:")
             else:
-                b.add(" ")
-                b.add(t["value"] + eos, supervised=True)
+                # The space after "ASSISTANT:" is part of the target, as in LLaVA: the generation
+                # prompt ends at the colon, so the model must learn to produce it (a tokenizer that
+                # does not merge it into the reply's first word would otherwise never be taught it).
+                b.add(" " + t["value"] + eos, supervised=True)
     elif template == "mistral_instruct":
         for i, t in enumerate(turns):
             if t["from"] == HUMAN:
                 sys_prefix = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if (system and i == 0) else ""
                 b.add("[INST] " + sys_prefix + t["value"].replace(IMAGE_PLACEHOLDER, image_text) + " [/INST]")
             else:
-                b.add(" ")
-                b.add(t["value"] + " " + eos, supervised=True)
+                b.add(" " + t["value"] + " " + eos, supervised=True)  # the space too, as for vicuna_v1
     elif template == "plain":
         if len(turns) > 2:
             raise ValueError(f"template 'plain' takes one human and one gpt turn, got {len(turns)} turns")

@@ -26,7 +26,8 @@ def test_vicuna_v1_matches_llava_format():
         "SYS USER: <image>\nWhat is shown? ASSISTANT: A chest X-ray with a right pleural effusion.</s>"
         "USER: Is the heart enlarged? ASSISTANT: No</s>"
     )
-    assert [r.text[a:b] for a, b in r.assistant_spans] == ["A chest X-ray with a right pleural effusion.</s>", "No</s>"]
+    # The space after "ASSISTANT:" belongs to the reply: generation prompts end at the colon.
+    assert [r.text[a:b] for a, b in r.assistant_spans] == [" A chest X-ray with a right pleural effusion.</s>", " No</s>"]
 
 
 def test_mistral_instruct_matches_llava_med_v15_format():
@@ -73,6 +74,22 @@ def test_every_label_span_decodes_to_exactly_the_assistant_text(tiny, template):
     # nothing outside the spans is supervised: prompts, system text, image tokens
     supervised = {i for a, b in spans for i in range(a, b)}
     assert all(lab == IGNORE_INDEX for i, lab in enumerate(enc["labels"]) if i not in supervised)
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "mistral_instruct", "chat_template"])
+@pytest.mark.parametrize("reply", ["yes", "no", "Yes"])
+def test_every_token_after_the_generation_prompt_is_supervised(tiny, template, reply):
+    # The tiny tokenizer splits " yes" into " " + "yes" but keeps " no" whole: if the space were not
+    # supervised, a model would learn to start every reply with " no", never with the space.
+    _, processor = tiny
+    tok = processor.tokenizer
+    human = {"from": "human", "value": "<image>\nIs it normal?"}
+    enc = encode_conversation([human, {"from": "gpt", "value": reply}], processor, template, num_image_tokens(processor))
+    text = prompt_text("Is it normal?", template, processor)
+    prompt = tok(text.replace("<image>", processor.image_token * num_image_tokens(processor)),
+                 add_special_tokens=template != "chat_template")["input_ids"]
+    (a, b), = supervised_spans(enc["labels"])
+    assert enc["input_ids"][:len(prompt)] == prompt and a == len(prompt)
 
 
 @pytest.mark.parametrize("template", ["vicuna_v1", "mistral_instruct", "chat_template"])
