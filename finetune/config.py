@@ -9,6 +9,7 @@ Defaults are LLaVA-Med's recipe: stage 1 trains the projector only (lr 2e-3, 1 e
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from medllava.model import ModelConfig
 
@@ -108,6 +109,21 @@ class StageConfig:
 
     sparse_logits: bool = True
     """Compute vocabulary logits only at supervised positions (same loss, far less memory)."""
+
+    group_by_length: bool = False
+    """Batch examples of similar token length together (padded batches, packing off): less compute spent
+    on padding. Order stays seeded per epoch, so resuming replays it; every example is still seen once."""
+
+    cache_vision_features: Literal["none", "memory", "disk"] = "none"
+    """Run the frozen vision tower once per image and reuse its features in later epochs: `none`,
+    `memory` (host RAM, about 1.2 MB per image for CLIP ViT-L/336 in bf16) or `disk` (safetensors under
+    the stage folder's vision_features/, kept across resumes). Needs the vision tower frozen and no
+    ZeRO-3; pays off only from the second epoch on, and the memory it takes grows with the number of
+    distinct images."""
+
+    torch_compile: bool = False
+    """Compile the model with torch.compile (inductor). The first steps are slow while it compiles; varying
+    sequence lengths recompile a few times before shapes settle."""
 
     lora: LoraConfig = field(default_factory=LoraConfig)
     """Low-rank adapters (LoRA / QLoRA) instead of full training of the language model."""

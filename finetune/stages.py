@@ -10,6 +10,8 @@ Stage folder layout (`<run_dir>/<stage>/`):
     skipped.jsonl               every example dropped from a batch while training (unreadable image,
                                 too long), with its step
     skipped_<data>.jsonl        every record left out before training (invalid, image missing)
+    vision_features/<tower>/    cache_vision_features=disk: the frozen vision tower's features, one
+                                safetensors file per image, under a fingerprint of the tower
     stage_complete.json         written last: a stage with it is never redone
 """
 
@@ -71,8 +73,9 @@ def run_stage(
     # The model before the data: the processor it brings decides tokenisation and image size.
     if stage.lora.quantize_4bit and not stage.lora.enabled:
         raise ValueError(f"stage {name}: lora.quantize_4bit needs lora.enabled (QLoRA trains adapters on a 4-bit model)")
-    model, processor = build_model(start, quantize_4bit=stage.lora.quantize_4bit)
     modules = tuple(stage.train_modules) or TRAINABLE[name]
+    check_speed_options(name, stage, modules, run)
+    model, processor = build_model(start, quantize_4bit=stage.lora.quantize_4bit)
     set_trainable(model, modules)
     if stage.lora.quantize_4bit:
         from peft import prepare_model_for_kbit_training
@@ -87,10 +90,13 @@ def run_stage(
     val_dataset = prepare_dataset(stage, processor, out_dir, data=val_data)[0] if val_data else None
     from medllava.data import Collator, supervised_loss
 
-    collator = Collator(processor.tokenizer.pad_token_id, pack=stage.packing, sparse_logits=stage.sparse_logits)
+    cache = _vision_cache(name, stage, model, out_dir, len(dataset))
+    collator = Collator(processor.tokenizer.pad_token_id, pack=stage.packing, sparse_logits=stage.sparse_logits,
+                        image_keys=cache is not None)
     trainer, trace = build_trainer(
         model, processor, dataset, collator, args, out_dir, eval_dataset=val_dataset,
         loss_func=supervised_loss if stage.sparse_logits else None,
+        lengths=dataset.lengths() if stage.group_by_length else None, vision_cache=cache,
     )
     accumulation = args.gradient_accumulation_steps
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -107,7 +113,11 @@ def run_stage(
     resume = str(checkpoints[-1]) if checkpoints else None
     if resume and is_main_process():
         print(f"[{name}] resuming from {resume}", flush=True)
-    result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        if cache is not None:
+            cache.detach()
     skip_counts, skip_examples = trace.summary()
     record = {
         "stage": name,
@@ -120,6 +130,8 @@ def run_stage(
         "trained_modules": list(modules),
         "lora": stage.lora.enabled,
     }
+    if cache is not None:
+        record["vision_cache"] = cache.stats()
     if val_dataset is not None:
         record["validation"] = {
             "examples": len(val_dataset),
@@ -132,6 +144,37 @@ def run_stage(
         atomic_write_json(out_dir / STAGE_DONE, record)
     _barrier()
     return record
+
+
+def check_speed_options(name: str, stage: StageConfig, modules: tuple[str, ...], run: RunSettings) -> None:
+    """Refuse speed options that cannot work with the rest of the stage's config."""
+    if stage.group_by_length and stage.packing:
+        raise ValueError(f"stage {name}: group_by_length shortens padding, and packed rows have none;"
+                         " turn one of group_by_length and packing off")
+    if stage.cache_vision_features == "none":
+        return
+    if "vision_tower" in modules:
+        raise ValueError(f"stage {name}: cache_vision_features needs a frozen vision tower, but the stage trains"
+                         f" {', '.join(modules)}; set cache_vision_features=none or leave vision_tower out")
+    if _zero_stage(run.deepspeed) == 3:
+        # Each ZeRO-3 forward gathers weights from every rank; a rank that skips the tower would hang the rest.
+        raise ValueError(f"stage {name}: cache_vision_features does not work under ZeRO-3 ({run.deepspeed});"
+                         " use ZeRO-2 or cache_vision_features=none")
+
+
+def _vision_cache(name: str, stage: StageConfig, model, out_dir: Path, n_examples: int):
+    """The stage's attached vision feature cache, or None when caching is off."""
+    if stage.cache_vision_features == "none":
+        return None
+    from finetune.vision_cache import VisionFeatureCache
+
+    folder = out_dir / "vision_features" if stage.cache_vision_features == "disk" else None
+    cache = VisionFeatureCache(model, folder).attach()
+    if is_main_process():
+        size = cache.bytes_per_image()
+        print(f"[{name}] caching vision features in {cache.folder or 'host memory'}: {size / 2**20:.3g} MiB per image,"
+              f" at most {size * n_examples / 2**30:.3g} GiB for {n_examples} examples", flush=True)
+    return cache
 
 
 def _zero_stage(deepspeed_config: str | None) -> int | None:

@@ -9,10 +9,16 @@ has returned, so a run killed mid-save never resumes from a half-written checkpo
 
 With an evaluation set (task heads with a validation split), the model is evaluated at every save
 and the checkpoint with the lowest validation loss is the one loaded at the end of training.
+
+Speed options: `lengths` batches examples of similar length together (`length_grouped_sampler`,
+seeded per epoch so a resumed run replays the same order), and `vision_cache` serves a frozen vision
+tower's features from a `finetune.vision_cache.VisionFeatureCache`. The optimizer is fused AdamW on
+CUDA, and `StageConfig.torch_compile` compiles the model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -123,6 +129,11 @@ def read_trace(path: Path) -> dict[int, list]:
     return order
 
 
+def optimizer_name(on_gpu: bool) -> str:
+    """AdamW as one fused kernel per step on CUDA; the plain loop elsewhere."""
+    return "adamw_torch_fused" if on_gpu else "adamw_torch"
+
+
 def training_arguments(stage: StageConfig, out_dir: Path, run, evaluate: bool = False):
     """TrainingArguments of one stage. Create them before the model is loaded: under DeepSpeed ZeRO-3
     they register the config that makes `from_pretrained` load each rank's shard only."""
@@ -140,6 +151,8 @@ def training_arguments(stage: StageConfig, out_dir: Path, run, evaluate: bool = 
         warmup_steps=stage.warmup_ratio,
         lr_scheduler_type=stage.lr_scheduler,
         weight_decay=stage.weight_decay,
+        optim=optimizer_name(on_gpu),
+        torch_compile=stage.torch_compile,
         bf16=run.bf16 and (not on_gpu or torch.cuda.is_bf16_supported()),
         gradient_checkpointing=stage.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if stage.gradient_checkpointing else None,
@@ -161,12 +174,38 @@ def training_arguments(stage: StageConfig, out_dir: Path, run, evaluate: bool = 
     )
 
 
-def build_trainer(model, processor, train_dataset, collator, args, out_dir: Path, eval_dataset=None, loss_func=None):
+def length_grouped_sampler(lengths: list[int], group_size: int, seed: int):
+    """A sampler that shuffles, then sorts each run of 50 groups (fewer on small data) by length, so
+    that each `group_size` slice holds examples of similar length (transformers' own grouping). The
+    shuffle is seeded by `seed` and the epoch, which the Trainer sets: every example once per epoch,
+    a new order each epoch, and the same order again when a run resumes mid-epoch."""
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+
+    class LengthGroupedEpochSampler(LengthGroupedSampler):
+        def __init__(self):
+            super().__init__(group_size, lengths=lengths)
+            self.epoch = 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def __iter__(self):
+            generator = torch.Generator().manual_seed(seed + self.epoch)
+            return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+    return LengthGroupedEpochSampler()
+
+
+def build_trainer(model, processor, train_dataset, collator, args, out_dir: Path, eval_dataset=None, loss_func=None,
+                  lengths: list[int] | None = None, vision_cache=None):
     """A Trainer for one stage with `args` from `training_arguments`.
 
     With `eval_dataset`, the validation loss is computed at every save (`save_steps`) and the best
     checkpoint by that loss is restored when training ends. `loss_func` replaces the model's own loss
-    (`medllava.data.supervised_loss` with a sparse-logits collator).
+    (`medllava.data.supervised_loss` with a sparse-logits collator). `lengths` (one per training
+    example) groups batches by length; `vision_cache` (attached, with a collator that adds
+    `image_keys`) answers the vision tower from its cache.
     """
     from transformers import Trainer, TrainerCallback
 
@@ -184,13 +223,22 @@ def build_trainer(model, processor, train_dataset, collator, args, out_dir: Path
     class TracingTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             ids, skipped = inputs.pop("example_ids"), inputs.pop("skipped")
+            image_keys = inputs.pop("image_keys", None)
             if model.training:  # evaluation batches are not part of the data order
                 trace.add(ids, skipped)
             if inputs["input_ids"].numel() == 0:
                 # Every example of this micro-batch was skipped: a zero loss keeps all ranks in step.
                 zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
                 return (zero, {}) if return_outputs else zero
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            with vision_cache.batch(image_keys) if vision_cache else contextlib.nullcontext():
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        def _get_train_sampler(self, train_dataset=None):
+            if lengths is None:
+                return super()._get_train_sampler(train_dataset)
+            a = self.args
+            group = a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size
+            return length_grouped_sampler(lengths, group, a.data_seed if a.data_seed is not None else a.seed)
 
     trainer = TracingTrainer(
         model=model,

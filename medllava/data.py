@@ -39,15 +39,17 @@ class Encoder:
         self.n_image_tokens = num_image_tokens(self.processor)
 
     def __call__(self, record: dict) -> dict:
-        """Return `input_ids`, `attention_mask`, `labels` (lists, length T) and `pixel_values`
-        (tensor `(n_images, 3, H, W)`, absent for text-only records) for one record."""
+        """Return `input_ids`, `attention_mask`, `labels` (lists, length T), and for a record with
+        images `pixel_values` (tensor `(n_images, 3, H, W)`) and `image_keys` (each image's path, the
+        key under which its vision features may be cached)."""
         from medllava.images import ImageLoadError, load_image
 
-        images = []
+        images, keys = [], []
         for rel in image_paths(record):
             path = (self.image_root or Path(".")) / rel
             if not path.is_file():
                 raise SkipExample("missing image", str(path))
+            keys.append(str(path))
             try:
                 images.append(load_image(path, **self.image_options))
             except (ImageLoadError, OSError, ValueError) as e:
@@ -60,6 +62,7 @@ class Encoder:
             raise SkipExample("too long", f"record {record['id']}: {e}") from None
         if images:
             enc["pixel_values"] = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+            enc["image_keys"] = keys
         return enc
 
 
@@ -85,6 +88,29 @@ class EncodedDataset:
         except SkipExample as e:
             return {"id": record["id"], "skip": e.reason, "detail": e.detail}
 
+    def lengths(self, chunk: int = 1000) -> list[int]:
+        """Approximate token length of every example, without reading images: the tokenizer's count
+        of the conversation text, each `<image>` counted as the image tokens it expands to. Template
+        words are left out (about the same for every example), so the counts rank examples by length,
+        which is all length-grouped batching needs."""
+        from tqdm import tqdm
+
+        tokenizer = self.encoder.processor.tokenizer
+        extra_per_image = self.encoder.n_image_tokens - 1  # the placeholder itself is one token
+        out: list[int] = []
+        starts = range(0, len(self.records), chunk)
+        for start in tqdm(starts, desc="measuring lengths", unit="chunk", disable=len(starts) < 20 or None):
+            rows = self.records[start:start + chunk]
+            if isinstance(rows, dict):  # a datasets.Dataset slice: columns
+                conversations, images = rows["conversations"], rows["images"]
+            else:
+                conversations = [r["conversations"] for r in rows]
+                images = [image_paths(r) or r.get("images", []) for r in rows]
+            texts = ["\n".join(turn["value"] for turn in conv) for conv in conversations]
+            counts = tokenizer(texts, add_special_tokens=False)["input_ids"]
+            out.extend(len(ids) + extra_per_image * len(imgs) for ids, imgs in zip(counts, images))
+        return out
+
 
 @dataclass
 class Collator:
@@ -105,6 +131,9 @@ class Collator:
     sparse_logits: bool = False
     """Add `logits_to_keep`: the positions whose next token is supervised, so the model computes
     vocabulary logits only there (see `supervised_loss`), not at every image and prompt token."""
+    image_keys: bool = False
+    """Add `image_keys`: the path of every image, in `pixel_values` order, for a vision feature cache.
+    Pop it before calling the model, as `example_ids`."""
 
     def __call__(self, features: list[dict]) -> dict:
         import torch
@@ -117,6 +146,8 @@ class Collator:
         pixels = [f["pixel_values"] for f in kept if "pixel_values" in f]
         if pixels:
             out["pixel_values"] = torch.cat(pixels, dim=0)
+        if self.image_keys:
+            out["image_keys"] = [key for f in kept for key in f.get("image_keys", [])]
         if self.sparse_logits:
             out["logits_to_keep"] = supervised_positions(out["labels"])
         out["example_ids"] = [f.get("id") for f in kept]

@@ -1,0 +1,43 @@
+"""Model shapes the benchmarks measure, as transformers configs (no weights).
+
+`llava-7b` is LLaVA-1.5-7B: CLIP ViT-L/14 at 336 px (576 image tokens, features from the second-to-last
+layer), a 32-layer 4096-wide Llama with a 32064-token vocabulary, and the two-layer MLP projector.
+`tiny` and `small` are medllava's named random-weight models.
+"""
+
+from __future__ import annotations
+
+SHAPES = ("llava-7b", "tiny", "small")
+
+
+def llava_7b_config():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                       num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768),
+        text_config=LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
+        image_token_index=32000, image_seq_length=576,
+    )
+
+
+def shape_config(name: str):
+    """The LlavaConfig of a shape in SHAPES."""
+    if name == "llava-7b":
+        return llava_7b_config()
+    if name not in SHAPES:
+        raise ValueError(f"unknown shape {name!r}; choose one of {', '.join(SHAPES)}")
+    from medllava.tiny import build_tiny
+
+    return build_tiny(name)[0].config  # the named models are a few MB: built to read back their config
+
+
+def meta_model(config):
+    """`LlavaForConditionalGeneration(config)` on the meta device: every parameter has its shape and
+    none has memory, so a 7B model is counted in a second."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    with torch.device("meta"):
+        return LlavaForConditionalGeneration(config)
