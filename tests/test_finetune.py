@@ -121,7 +121,10 @@ def test_training_conversations_ask_as_evaluation_does(trained, vqa_root):
     for row, ex in zip(rows, task):
         human, gpt = row["conversations"]
         assert human["value"] == "<image>\n" + format_question(ex.question, "llava-med", ex.answer_type)
-        assert gpt["value"] == ex.answer and (vqa_root / "images" / row["image"]).is_file()
+        # Closed yes/no answers are spelled as the prompt's options; the rest as the dataset has them.
+        expected = ex.answer.strip().lower() if ex.answer.strip().lower() in ("yes", "no") and ex.answer_type == "closed" \
+            else ex.answer
+        assert gpt["value"] == expected and (vqa_root / "images" / row["image"]).is_file()
     assert any(r["conversations"][0]["value"].endswith("[yes, no]") for r in rows)
     assert any("Please choose" not in r["conversations"][0]["value"] for r in rows)  # open questions
 
