@@ -69,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         # Input and environment problems get one clear line, not a traceback.
         if args.verbose:
             raise
-        print(f"medllava: error: {e}", file=sys.stderr)
+        from medllava.io import describe_error
+
+        # A full disk or a refused write names the path and what to do, not just the errno.
+        print(f"medllava: error: {describe_error(e)}", file=sys.stderr)
         return 1
 
 

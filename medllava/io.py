@@ -1,18 +1,22 @@
 """File I/O every package shares: atomic writes, JSON/JSONL reading with located errors,
-and an append-only JSONL log that survives being killed mid-write.
+an append-only JSONL log that survives being killed mid-write, and the one-line messages
+for a full disk or a refused write.
 
 Writes go through a temporary file in the same folder and `os.replace`, so a crash never
-leaves half a file under the final name.
+leaves half a file under the final name. A killed writer does leave its temporary
+(`.NAME.XXXXXXXX.tmp`) behind; `remove_stale_temps` clears those before the output is rewritten.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import json
 import os
+import secrets
 import shutil
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -21,25 +25,55 @@ class DataError(ValueError):
     """Bad input data; the message names the file and the line or record."""
 
 
+def _make_temp(path: Path, create: Callable[[str], Any]) -> tuple[Any, str]:
+    """Create a new temporary beside `path` with `create(name)` (which must fail if the name exists).
+
+    Created with the mode a plain `open` or `mkdir` would use (the umask applies), unlike
+    `tempfile.mkstemp`'s 0600, so a finished file has the permissions users expect.
+    """
+    while True:
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return create(tmp), tmp
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise _naming(e, path, tmp) from None
+
+
+def _naming(e: OSError, target: Path, tmp: str) -> OSError:
+    """`e` with the target in place of the temporary it was writing (or no file at all), so the
+    message names the file the user asked for."""
+    name = e.filename
+    if name is None or str(name) == tmp:
+        e.filename = str(target)
+    elif str(name).startswith(tmp + os.sep):  # a file inside a temporary folder (atomic_dir)
+        e.filename = str(target / os.path.relpath(name, tmp))
+    return e
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
     """Open a temporary file beside `path`; on clean exit fsync it and rename it to `path`.
 
-    On an exception the temporary file is removed and `path` is left as it was.
+    On an exception the temporary file is removed and `path` is left as it was; an OSError
+    (a full disk, a refused write) names `path`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     binary = "b" in mode
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _make_temp(path, lambda name: os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         with os.fdopen(fd, mode, encoding=None if binary else encoding) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise _naming(e, path, tmp)
         raise
 
 
@@ -51,13 +85,57 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    _, tmp = _make_temp(path, lambda name: os.mkdir(name, 0o777))
     try:
-        yield tmp
+        yield Path(tmp)
         replace_dir(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise _naming(e, path, tmp)
         raise
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries that killed writers of `path` left beside it (`.NAME.*.tmp`, files
+    or folders, including those of files named `NAME.*` such as `NAME.done.json`); returns them.
+
+    A temporary being written looks the same as an abandoned one: call this only where no other
+    process is writing `path` at the same time (e.g. a step, before it writes its own outputs).
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    found = sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+    for tmp in found:
+        _remove(tmp)
+    return found
+
+
+def remove_stale_temps_under(folder: str | os.PathLike) -> list[Path]:
+    """Remove every temporary (`.*.tmp`) under `folder`, at any depth; returns them. For a folder
+    one step owns and fills file by file (e.g. extracted images), with the same caution as
+    `remove_stale_temps`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for root, dirs, files in os.walk(folder):
+        for name in [*files, *dirs]:
+            if name.startswith(".") and name.endswith(".tmp"):
+                found.append(Path(root) / name)
+        dirs[:] = [d for d in dirs if not (d.startswith(".") and d.endswith(".tmp"))]
+    for tmp in found:
+        _remove(tmp)
+    return sorted(found)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def replace_dir(src: str | os.PathLike, dest: str | os.PathLike) -> None:
@@ -221,15 +299,49 @@ class JsonlLog:
         return [obj for _, obj in read_jsonl(self.path)]
 
     def append(self, row: dict) -> None:
-        self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        with self._naming_errors():
+            self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self._f.flush()
+            os.fsync(self._f.fileno())
 
     def close(self) -> None:
-        self._f.close()
+        with self._naming_errors():  # closing flushes what a failed append left in the buffer
+            self._f.close()
+
+    @contextlib.contextmanager
+    def _naming_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as e:
+            if e.filename is None:
+                e.filename = str(self.path)
+            raise
 
     def __enter__(self) -> "JsonlLog":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# errno -> (what happened, how the path is joined on, what to do): the CLI's one line for a failed
+# write. Permission errors may come from reading an input too, so their advice fits either.
+ELSEWHERE = "another --out or run_dir"
+DISK_ERRORS = {
+    errno.ENOSPC: ("no space left on device", " writing ", f"free some space or write somewhere else ({ELSEWHERE})"),
+    errno.EDQUOT: ("disk quota exceeded", " writing ", f"free some space or write somewhere else ({ELSEWHERE})"),
+    errno.EACCES: ("permission denied", ": ", f"give this user access to it or use another path ({ELSEWHERE})"),
+    errno.EPERM: ("operation not permitted", ": ", f"give this user access to it or use another path ({ELSEWHERE})"),
+    errno.EROFS: ("read-only file system", ": ", f"write to a writable disk ({ELSEWHERE})"),
+}
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for an error the CLI reports: for a full disk or a refused write, what happened,
+    to which path, and what to do; otherwise the error's own message."""
+    if not (isinstance(e, OSError) and e.errno in DISK_ERRORS):
+        return str(e)
+    what, join, todo = DISK_ERRORS[e.errno]
+    if e.filename is not None:
+        what += f"{join}{e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
+    return f"{what}: {todo}"
