@@ -48,10 +48,16 @@ def register(subparsers) -> None:
     p.add_argument("--teacher-url", help="OpenAI-compatible endpoint that writes the instruction set")
     p.add_argument("--teacher-model", help="model name at the teacher endpoint")
     p.add_argument("--teacher-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the tiny model's matrices are too small to share out, "
+                        "and one thread makes every run do the same arithmetic, so reruns reproduce exactly)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(args.threads)
     work = args.out
     started = time.time()
     steps = [
