@@ -10,12 +10,17 @@ a full-checkpoint head, every module trained from random weights):
   blank    every image replaced by the mean training image, so the model sees the questions only
            and can learn no more than VQA-RAD's language prior.
 10% of the training images (with all their questions) are held out; the checkpoint with the lowest
-loss on them is kept. Both runs are scored on the real test questions (272 closed, 179 open) with
+loss on them is kept. `--hold-out questions` holds out 10% of the questions instead, with their
+images still trained on: that mirrors VQA-RAD's test split, whose questions are about training images. Both runs are scored on the real test questions (272 closed, 179 open) with
 the strict scorer, against the majority-class baseline (the commonest closed training answer given
 to every closed question), beside two linear references trained on the same questions (logistic
 regression on question words, and on question words plus the image's identity) that show how much
 signal the data holds. Differences come with paired bootstrap 95% intervals over the test
 questions. The table is printed and the figures written to `<out>/results.json`.
+
+The two runs can train at once on two cores: start the script with `--conditions images` and with
+`--conditions blank` on the same `--out`, then once more with both, which reuses the finished runs
+and writes the comparison (`minutes` in results.json counts only the work of the last invocation).
 
 Images are first downscaled (a copy under `<out>/vqa_rad_<size>px`): the model sees 64 px anyway,
 and decoding 1000 px JPEGs would dominate a CPU run.
@@ -57,6 +62,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--epochs", type=float, default=8.0)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--hold-out", choices=("images", "questions"), default="images",
+                   help="validation set: whole training images with their questions (default), or questions alone")
     p.add_argument("--val", type=float, default=0.1,
                    help="fraction of the training images held out (with their questions) to pick the checkpoint")
     p.add_argument("--batch", type=int, default=32, help="global batch (default 32)")
@@ -186,9 +193,10 @@ def prepare(args):
     root = downscaled_copy(args.data, args.out / f"vqa_rad_{args.thumb}px", args.thumb)
     train, test = load_task("vqa-rad", root, "train"), load_task("vqa-rad", root, "test")
     made = task_records(train, "llava-med", ["yes", "no"], args.out)
-    # Validation questions are on images held out of training, so no paraphrase of a validation
-    # question about the same image is trained on; the checkpoint with the lowest validation loss is kept.
-    held_out = assign_groups([r["image"] for r in made.records], args.val, 0.0, args.seed, None)
+    # Held out by image (default), no paraphrase of a validation question about the same image is
+    # trained on; held out by question, validation looks like the test split (seen images, new questions).
+    groups = [r["image"] if args.hold_out == "images" else r["id"] for r in made.records]
+    held_out = assign_groups(groups, args.val, 0.0, args.seed, None)
     split = {s: [r for r, h in zip(made.records, held_out) if h == s] for s in ("train", "validation")}
     # Weighted by question, as the training set shows the images.
     blank = mean_image([train.image_path(ex) for ex in train], TINY_SPECS[args.model].image_size)
@@ -250,7 +258,7 @@ def main() -> int:
         "settings": {"epochs": args.epochs, "learning_rate": args.lr, "global_batch": args.batch,
                      "micro_batch": args.micro_batch, "max_steps": args.max_steps, "seed": args.seed,
                      "threads": args.threads, "weight_decay": args.weight_decay,
-                     "validation": f"{args.val:.0%} of the training images, best checkpoint by validation loss",
+                     "validation": f"{args.val:.0%} of the training {args.hold_out}, best checkpoint by validation loss",
                      "schedule": "cosine, 3% warmup", "trained": list(MODULES), "prompt_style": "llava-med",
                      "template": "vicuna_v1", "image_px": TINY_SPECS[args.model].image_size,
                      "thumbnail_px": args.thumb},
