@@ -162,7 +162,8 @@ def set_trainable(model, modules: tuple[str, ...] | list[str] | str) -> list[str
         raise ValueError(f"unknown modules {sorted(unknown)}; choose from {', '.join(MODULES)}")
     trainable = []
     for name, param in model.named_parameters():
-        param.requires_grad = module_of(name) in modules
+        # 4-bit weights (QLoRA) are stored as integers: they cannot take gradients, adapters train instead.
+        param.requires_grad = module_of(name) in modules and (param.is_floating_point() or param.is_complex())
         if param.requires_grad:
             trainable.append(name)
     return trainable

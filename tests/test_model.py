@@ -79,6 +79,20 @@ def test_align_trains_only_the_projector(tiny):
     assert names and all(n.startswith("model.multi_modal_projector.") for n in names)
 
 
+def test_integer_weights_stay_frozen(tiny):
+    # A 4-bit (QLoRA) language model stores its linear weights as uint8, which cannot require grad.
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(tiny[0])
+    layer = model.model.language_model.layers[0].mlp.down_proj
+    layer.weight = torch.nn.Parameter(torch.zeros(layer.weight.shape, dtype=torch.uint8), requires_grad=False)
+    names = set_trainable(model, "instruct")
+    assert not layer.weight.requires_grad and "model.language_model.layers.0.mlp.down_proj.weight" not in names
+    assert "model.language_model.layers.0.mlp.up_proj.weight" in names
+
+
 def test_set_trainable_refuses_unknown_names(tiny):
     model, _ = tiny
     with pytest.raises(ValueError, match="unknown stage"):
