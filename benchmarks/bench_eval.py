@@ -13,6 +13,8 @@ left-padded batches, `generate` with the KV cache, and one appended predictions 
 The baseline is the plain way: per question, load the image, `processor(text, image)`, then
 `model.generate` with the same greedy settings. Both are timed by the wall clock after a warm-up
 call each, and the answers of the two paths are compared (greedy, so they should agree).
+`--single-questions N` times the one-at-a-time path on the first N questions only (it is the slow one),
+so the two are compared as questions per second; `--json FILE` also writes the figures.
 
 `--write-random-7b DIR` saves a random-weight checkpoint shaped like LLaVA-1.5-7B (CLIP ViT-L/14 at
 336 px, 576 image tokens; a Llama-2-7B language model) with the toolkit's small BPE tokenizer, so
@@ -22,7 +24,6 @@ the GPU figures need no download. `--layers N` shrinks its language model to che
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -39,7 +40,7 @@ from eval.generate import Asking, ensure_pad_token, greedy_config, load_example_
 from eval.run import answer_questions  # noqa: E402
 from eval.tasks import load_task  # noqa: E402
 from medllava.commands import demo_data  # noqa: E402
-from medllava.io import JsonlLog, read_jsonl, write_jsonl  # noqa: E402
+from medllava.io import JsonlLog, atomic_write_json, read_jsonl, write_jsonl  # noqa: E402
 from medllava.model import ModelConfig, build_model, save_model  # noqa: E402
 from medllava.records import HUMAN  # noqa: E402
 
@@ -100,20 +101,23 @@ def measure(args) -> dict:
         # Warm-up: first calls pay for kernel selection and allocator growth.
         one_at_a_time(model, processor, task, examples[:1], asking, 2)
         batched(model, processor, task, examples[:args.batch_size], asking, args.batch_size, 2, folder)
+        # The plain way is slow on a large set: timed on its first questions when asked, compared as a rate.
+        singles = examples[:args.single_questions] if args.single_questions else examples
         _sync(args.device)
         start = time.perf_counter()
-        single_answers, single_tokens = one_at_a_time(model, processor, task, examples, asking, args.max_new_tokens)
+        single_answers, single_tokens = one_at_a_time(model, processor, task, singles, asking, args.max_new_tokens)
         _sync(args.device)
         single_s = time.perf_counter() - start
         batch_answers, batch_s = batched(model, processor, task, examples, asking, args.batch_size,
                                          args.max_new_tokens, folder)
-    n = len(examples)
+    n, n_single = len(examples), len(singles)
     return {
         "model": args.model, "device": _device_name(args.device), "dtype": args.dtype,
-        "torch_threads": torch.get_num_threads(), "questions": n, "batch_size": args.batch_size,
-        "max_new_tokens": args.max_new_tokens, "generated_tokens_one_at_a_time": single_tokens,
-        "one_at_a_time_s": single_s, "batched_s": batch_s,
-        "one_at_a_time_qps": n / single_s, "batched_qps": n / batch_s, "speedup": single_s / batch_s,
+        "torch_threads": torch.get_num_threads(), "questions": n, "questions_one_at_a_time": n_single,
+        "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+        "generated_tokens_one_at_a_time": single_tokens, "one_at_a_time_s": single_s, "batched_s": batch_s,
+        "one_at_a_time_qps": n_single / single_s, "batched_qps": n / batch_s,
+        "speedup": (n / batch_s) / (n_single / single_s),
         "answers_identical": sum(a == b for a, b in zip(single_answers, batch_answers)),
     }
 
@@ -131,16 +135,12 @@ def _device_name(device: str) -> str:
 
 def write_random_7b(out: Path, layers: int | None, device: str) -> Path:
     """A random-weight llava-hf checkpoint in LLaVA-1.5-7B's shape, saved in bfloat16."""
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    from medllava.tiny import CHAT_TEMPLATE, build_tokenizer
+    from benchmarks.shapes import random_7b_processor
 
-    tokenizer = build_tokenizer(32000)
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
-        tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
+    processor = random_7b_processor()
+    tokenizer = processor.tokenizer
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                        num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768),
@@ -163,20 +163,26 @@ def write_random_7b(out: Path, layers: int | None, device: str) -> Path:
     return save_model(model, processor, out)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="small", help="tiny, small, or a llava-hf checkpoint folder (default small)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--questions", type=int, default=48, help="questions asked on each path (default 48)")
     p.add_argument("--batch-size", type=int, default=8, help="eval run batch size (default 8)")
+    p.add_argument("--single-questions", type=int, metavar="N",
+                   help="time the one-at-a-time path on the first N questions only (default: all); rates compared")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per answer (default 16)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--write-random-7b", type=Path, metavar="DIR",
                    help="save a random LLaVA-1.5-7B-shaped checkpoint and exit")
     p.add_argument("--layers", type=int, help="with --write-random-7b: language-model layers (default 32)")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.write_random_7b:
         print(f"wrote {write_random_7b(args.write_random_7b, args.layers, args.device)}")
         return
@@ -184,13 +190,14 @@ def main() -> None:
     print(f"model {r['model']} ({r['dtype']}) on {r['device']}, torch threads {r['torch_threads']}; "
           f"{r['questions']} questions, {r['max_new_tokens']} new tokens at most")
     print("| path | seconds | questions/s |\n|---|---|---|")
-    print(f"| one at a time (processor + generate per question) | {r['one_at_a_time_s']:.2f} "
-          f"| {r['one_at_a_time_qps']:.2f} |")
+    print(f"| one at a time (processor + generate per question; {r['questions_one_at_a_time']} questions) "
+          f"| {r['one_at_a_time_s']:.2f} | {r['one_at_a_time_qps']:.2f} |")
     print(f"| eval run, batches of {r['batch_size']} | {r['batched_s']:.2f} | {r['batched_qps']:.2f} |")
-    print(f"speed-up {r['speedup']:.2f}x; answers identical on {r['answers_identical']}/{r['questions']} questions; "
+    print(f"speed-up {r['speedup']:.2f}x; answers identical on {r['answers_identical']}/{r['questions_one_at_a_time']}"
+          " questions asked both ways; "
           f"{r['generated_tokens_one_at_a_time']} tokens generated one at a time")
     if args.json:
-        args.json.write_text(json.dumps(r, indent=2) + "\n")
+        atomic_write_json(args.json, r)
 
 
 if __name__ == "__main__":

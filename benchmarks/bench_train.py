@@ -2,10 +2,17 @@
 
     python benchmarks/bench_train.py --stage align --model tiny --steps 20            # CPU, tiny model
     python benchmarks/bench_train.py --stage instruct-lora --model llava-7b --device cuda --batch 16
+    python benchmarks/bench_eval.py --write-random-7b /tmp/llava-7b --device cuda      # then, for QLoRA:
+    python benchmarks/bench_train.py --stage instruct-qlora --model /tmp/llava-7b --batch 8 --gradient-checkpointing
 
-Every path trains the same model from the same encoded examples with `transformers.Trainer`:
+Stages: `align` (stage 1: the projector trains), `instruct-full` (stage 2: projector + language model),
+`instruct-lora` (stage 2 with LoRA on every linear layer of the language model and the projector in full,
+settings from finetune/configs/llava_med_lora.yaml) and `instruct-qlora` (the same on a 4-bit NF4
+language model, settings from finetune/configs/llava_med_qlora.yaml; needs a CUDA GPU, bitsandbytes and a
+checkpoint folder to load in 4-bit). Every path trains the same model from the same encoded examples with
+`transformers.Trainer`:
 - baseline: padded batches in random order, the model's own loss over full-vocabulary logits at every
-  position (what a user writes with Trainer + PEFT);
+  position (what a user writes with Trainer + PEFT, + bitsandbytes for QLoRA);
 - sparse: padded batches, logits only at supervised positions (`Collator(sparse_logits=True)` +
   `supervised_loss`);
 - packed: as sparse, and packed rows (no padding; attention kept inside each example through position
@@ -16,22 +23,30 @@ Every path trains the same model from the same encoded examples with `transforme
 - compiled (`--compile`): as sparse, the model under torch.compile.
 Data loading is outside the timed region (examples are encoded once), so the figures are the model's.
 The optimizer is the one medllava's stages use: fused AdamW on CUDA (also transformers' default there
-with torch >= 2.8), the plain loop elsewhere.
+with torch >= 2.8), the plain loop elsewhere. A path that runs out of GPU memory is reported as such and
+the others still run. `--json FILE` also writes the table and its settings.
 
-Lengths: stage 1 examples are an image plus a caption of 20-80 tokens, stage 2 examples an image plus
-100-600 text tokens (uniform), or the real token lengths of a conversation file (`--lengths-from`).
+Text: real token lengths and turn structure (benchmarks/real_text.py): stage 1 the shipped real PMC figure
+captions, stage 2 the shipped teacher-written multi-turn conversations, both resampled with replacement;
+`--lengths-from FILE` takes a conversation file instead. Each example is encoded by medllava's template
+code (plain for stage 1, vicuna_v1 for stage 2) with the model's tokenizer, so its labels supervise the
+replies only; images are random pixels. The llava-7b shape has random weights and no real tokenizer: it
+uses the stand-in BPE of the random checkpoints, which on these texts gives about 1.5x as many tokens as
+LLaMA-2's tokenizer (measured once on the shipped captions and conversations), so its texts run longer
+than LLaVA-1.5 would see them; a real checkpoint folder brings its own tokenizer.
 FLOP convention (printed with the table): per example, 2N per token for the language model's forward
-(N = its parameters, embeddings excluded), x2 with gradients flowing through a frozen LLM (stage 1,
-LoRA: 4N), x3 when it is trained (6N), over every token (image + text, padding excluded); plus the
-vision tower's forward, 2 x its parameters per patch token, counted even where the cache skips it, so
-TFLOP/s is useful work per second and compares across paths.
+(N = its parameters, embeddings excluded, counted unquantised), x2 with gradients flowing through a
+frozen LLM (stage 1, LoRA, QLoRA: 4N), x3 when it is trained (6N), over every token (image + text, padding
+excluded); plus the vision tower's forward, 2 x its parameters per patch token, counted even where the
+cache skips it, so TFLOP/s is useful work per second and compares across paths.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import random
+import gc
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -41,58 +56,27 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.real_text import TextSource, describe, source_for, spread  # noqa: E402
+from benchmarks.shapes import meta_model, random_7b_processor  # noqa: E402
 from finetune.stages import apply_lora  # noqa: E402
-from finetune.config import LoraConfig  # noqa: E402
 from medllava.data import Collator, supervised_loss  # noqa: E402
-from medllava.model import ModelConfig, build_model, num_image_tokens, set_trainable  # noqa: E402
-from medllava.templates import IGNORE_INDEX  # noqa: E402
+from medllava.io import atomic_write_json  # noqa: E402
+from medllava.model import TRAINABLE, ModelConfig, build_model, num_image_tokens, set_trainable  # noqa: E402
+from medllava.templates import TooLongError, encode_conversation  # noqa: E402
+from medllava.tiny import TINY_SPECS  # noqa: E402
 
-WORDS = "the chest radiograph shows a right lower lobe opacity with a small pleural effusion and no pneumothorax".split()
+CONFIGS = REPO / "finetune" / "configs"
 
-
-def llava_7b_shape(dtype):
-    """LLaVA-1.5-7B's shape with random weights (`benchmarks.shapes.llava_7b_config`)."""
-    from transformers import LlavaForConditionalGeneration
-
-    from benchmarks.shapes import llava_7b_config
-    from medllava.tiny import build_tiny
-
-    _, tiny_processor = build_tiny("tiny")
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlavaForConditionalGeneration(llava_7b_config()).to(dtype)
-    return model, tiny_processor, 576, 32064
-
-
-def synthetic_examples(n, n_image_tokens, lengths, vocab, image_token_id, image_size, seed=0):
-    """Encoded examples: BOS, image tokens, a prompt of 8 tokens, then `length` supervised tokens."""
-    rng = random.Random(seed)
-    examples = []
-    for i in range(n):
-        length = rng.choice(lengths)
-        prompt = [1] + [image_token_id] * n_image_tokens + [rng.randrange(5, vocab) for _ in range(8)]
-        answer = [rng.randrange(5, vocab) for _ in range(length)] + [2]
-        examples.append({
-            "id": str(i),
-            "input_ids": prompt + answer,
-            "attention_mask": [1] * (len(prompt) + len(answer)),
-            "labels": [IGNORE_INDEX] * len(prompt) + answer,
-            "pixel_values": torch.randn(1, 3, image_size, image_size),
-            "image_keys": [f"synthetic/{i}.png"],
-        })
-    return examples
-
-
-def lengths_for(stage, path):
-    if path is None:
-        return list(range(20, 81)) if stage == "align" else list(range(100, 601))
-    from medllava.records import iter_records
-
-    words = [sum(len(t["value"].split()) for t in r["conversations"]) for r in iter_records(path, skip_bad=True)]
-    return [max(1, int(w * 1.3)) for w in words]  # about 1.3 tokens per English word
-
-
-# Language-model FLOPs per token and parameter: 2 forward, x2 with gradients flowing through a frozen LLM, x3 trained.
-FLOP_FACTOR = {"align": 4, "instruct-lora": 4, "instruct-full": 6}
+# Each stage: what it trains, its template, the shipped config whose LoRA settings it takes, whether the
+# language model is loaded in 4-bit, and its language-model FLOPs per token and parameter (2 forward, x2
+# with gradients flowing through a frozen LLM, x3 when it is trained).
+STAGES = {
+    "align": dict(trains="align", template="plain", flops=4),
+    "instruct-full": dict(trains="instruct", template="vicuna_v1", flops=6),
+    "instruct-lora": dict(trains="instruct", template="vicuna_v1", flops=4, lora="llava_med_lora.yaml"),
+    "instruct-qlora": dict(trains="instruct", template="vicuna_v1", flops=4, lora="llava_med_qlora.yaml",
+                           quantize=True),
+}
 
 # Each path: collator options, plus length grouping, a filled vision cache, torch.compile.
 PATHS = {
@@ -105,9 +89,92 @@ PATHS = {
 }
 
 
+def qlora_refusal(args) -> str | None:
+    """Why the QLoRA stage cannot run here (one line), or None."""
+    missing = []
+    if args.device != "cuda" or not torch.cuda.is_available():
+        missing.append("a CUDA GPU (--device cuda)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        missing.append("bitsandbytes (pip install bitsandbytes, or offline: pip install --no-index .wheels/*.whl)")
+    if missing:
+        return f"instruct-qlora trains on 4-bit NF4 weights and needs {' and '.join(missing)}, which this machine lacks"
+    if args.model in TINY_SPECS or args.model == "llava-7b":
+        return ("instruct-qlora loads a checkpoint folder in 4-bit: write a random 7B one with `python"
+                " benchmarks/bench_eval.py --write-random-7b DIR --device cuda` and pass --model DIR")
+    return None
+
+
+def lora_settings(config_name: str):
+    """The stage-2 LoRA settings of a shipped config."""
+    from finetune.config import AdaptConfig
+    from medllava.config import load_config
+
+    return load_config(AdaptConfig, CONFIGS / config_name).instruct.lora
+
+
+def load_model(args):
+    """`(model, processor, tokenizer description)` for `--model`, trainable as `--stage` trains it."""
+    spec = STAGES[args.stage]
+    dtype = getattr(torch, args.dtype)
+    if args.model == "llava-7b":
+        from transformers import LlavaForConditionalGeneration
+
+        from benchmarks.shapes import llava_7b_config
+
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # 7B parameters: never materialise them in float32 first
+        try:
+            with torch.device(args.device):
+                model = LlavaForConditionalGeneration(llava_7b_config())
+        finally:
+            torch.set_default_dtype(default)
+        processor, tokenizer = random_7b_processor(), "the random 7B checkpoints' stand-in BPE tokenizer"
+    else:
+        model, processor = build_model(ModelConfig(name_or_path=args.model, dtype=args.dtype),
+                                       quantize_4bit=spec.get("quantize", False))
+        named = args.model in TINY_SPECS
+        tokenizer = f"the {args.model} model's BPE tokenizer" if named else f"the tokenizer of {args.model}"
+    if spec.get("quantize"):
+        from peft import prepare_model_for_kbit_training
+
+        # The plain QLoRA recipe: freeze everything (4-bit weights cannot take gradients; set_trainable would
+        # try), upcast the rest to float32; the adapters and the projector are made trainable by PEFT below.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+    else:
+        set_trainable(model, spec["trains"])
+    if "lora" in spec:
+        model = apply_lora(model, lora_settings(spec["lora"]), TRAINABLE["instruct"])
+    return model, processor, tokenizer
+
+
+def encode_examples(records, processor, template, n_image_tokens, image_token_index, image_size, max_length):
+    """Encode conversations as medllava's training data does; images are random pixels `(1, 3, S, S)`
+    (none when `image_size` is None: lengths only).
+
+    Longer records are cut at `max_length` as training cuts them; returns the examples and how many records
+    were left out because the cut would take their image or first reply.
+    """
+    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    examples, too_long = [], 0
+    for i, rec in enumerate(records):
+        try:
+            enc = encode_conversation(rec["conversations"], processor, template, n_image_tokens, max_length=max_length)
+        except TooLongError:
+            too_long += 1
+            continue
+        # The processor's image token may have another id than the model's (the llava-7b shape).
+        ids = [image_token_index if t == image_id else t for t in enc["input_ids"]]
+        examples.append({"id": str(i), "input_ids": ids, "attention_mask": enc["attention_mask"],
+                         "labels": enc["labels"], "image_keys": [f"random/{i}.png"]})
+        if image_size is not None:
+            examples[-1]["pixel_values"] = torch.randn(1, 3, image_size, image_size)
+    return examples, too_long
+
+
 def run(model, examples, collator, args, loss_func, lengths=None, cache=None, compiled=False):
     """Train `args.steps` steps; returns (seconds per step after warm-up, peak GPU bytes, padding fraction)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
 
     from finetune.trainer import length_grouped_sampler, optimizer_name
 
@@ -144,25 +211,17 @@ def run(model, examples, collator, args, loss_func, lengths=None, cache=None, co
         output_dir="/tmp/medllava-bench", per_device_train_batch_size=args.batch, max_steps=args.steps,
         learning_rate=1e-5, report_to=[], save_strategy="no", logging_strategy="no", remove_unused_columns=False,
         bf16=args.dtype == "bfloat16", gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
         dataloader_num_workers=0, use_cpu=args.device == "cpu", disable_tqdm=True,
         optim=optimizer_name(args.device == "cuda"), torch_compile=compiled,
     )
     trainer = Bench(model=model, args=targs, train_dataset=examples, data_collator=counting,
                     compute_loss_func=loss_func, callbacks=[Clock()])
+    trainer.remove_callback(PrinterCallback)  # its end-of-training dict would land in the table's output
     trainer.train()
-    warm = min(2, len(marks) - 1)
-    per_step = (marks[-1] - marks[warm - 1]) / (len(marks) - warm) if warm else (marks[-1] - marks[0])
+    per_step = (marks[-1] - marks[1]) / (len(marks) - 2)  # steps 1 and 2 pay for allocation and kernel choice
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
     return per_step, peak, tokens["pad"] / max(1, tokens["all"])
-
-
-def flops_per_example(model, stage, text_tokens, n_image_tokens):
-    lm = model.model.language_model
-    n_llm = sum(p.numel() for n, p in lm.named_parameters() if "embed" not in n)
-    n_vision = sum(p.numel() for p in model.model.vision_tower.parameters())
-    factor = FLOP_FACTOR[stage]
-    tokens = text_tokens + n_image_tokens
-    return factor * n_llm * tokens + 2 * n_vision * (n_image_tokens + 1)
 
 
 def fill_cache(model, examples, batch):
@@ -180,23 +239,27 @@ def fill_cache(model, examples, batch):
     return cache
 
 
-def measure(options, args):
-    """Build a fresh model, train one path, return its row of the table."""
+def parameter_counts(config) -> tuple[int, int]:
+    """(language model without embeddings, vision tower) parameters, counted unquantised on the meta device."""
+    plain = type(config).from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
+    shape = meta_model(plain).model
+    n_llm = sum(p.numel() for n, p in shape.language_model.named_parameters() if "embed" not in n)
+    return n_llm, sum(p.numel() for p in shape.vision_tower.parameters())
+
+
+def measure(options, args, source: TextSource, describe_text: bool = False):
+    """Build a fresh model, train one path, return its row of the table, and with `describe_text` what the
+    text it trained on was (encoding every real record whole once, for their lengths)."""
     torch.manual_seed(0)
-    if args.model == "llava-7b":
-        model, processor, n_img, vocab = llava_7b_shape(getattr(torch, args.dtype))
-        image_size = 336
-    else:
-        model, processor = build_model(ModelConfig(name_or_path=args.model, dtype=args.dtype))
-        n_img, vocab = num_image_tokens(processor), len(processor.tokenizer)
-        image_size = model.config.vision_config.image_size
-    set_trainable(model, "align" if args.stage == "align" else "instruct")
-    if args.stage == "instruct-lora":
-        model = apply_lora(model, LoraConfig(enabled=True, r=128, alpha=256), ("multi_modal_projector", "language_model"))
-    lengths = lengths_for("align" if args.stage == "align" else "instruct", args.lengths_from)
-    examples = synthetic_examples(args.batch * (args.steps + 2), n_img, lengths, vocab,
-                                  model.config.image_token_index, image_size)
-    base = model if args.stage != "instruct-lora" else model.base_model.model
+    model, processor, tokenizer = load_model(args)
+    base = model.base_model.model if "lora" in STAGES[args.stage] else model
+    n_img = num_image_tokens(processor)
+    template = STAGES[args.stage]["template"]
+    examples, too_long = encode_examples(
+        source.draw(args.batch * (args.steps + 2)), processor, template, n_img, base.config.image_token_index,
+        base.config.vision_config.image_size, args.max_length)
+    if not examples:
+        raise SystemExit(f"bench_train: --max-length {args.max_length} cuts the image or first reply of every example")
     cache = fill_cache(base, examples, args.batch) if options.get("cached") else None
     collator = Collator(processor.tokenizer.pad_token_id, pack=options["pack"], sparse_logits=options["sparse_logits"],
                         image_keys=cache is not None)
@@ -207,48 +270,133 @@ def measure(options, args):
     )
     if cache is not None and cache.computed != len(examples):
         raise RuntimeError(f"cached path ran the vision tower on {cache.computed - len(examples)} images while timed")
-    text = sum(len(e["input_ids"]) - n_img for e in examples) / len(examples)
-    flops = flops_per_example(base, args.stage, text, n_img)
-    return {
+    text = [len(e["input_ids"]) - n_img for e in examples]
+    mean_text = sum(text) / len(text)
+    n_llm, n_vision = parameter_counts(base.config)
+    flops = STAGES[args.stage]["flops"] * n_llm * (mean_text + n_img) + 2 * n_vision * (n_img + 1)
+    row = {
         "samples/s": args.batch / per_step,
-        "tokens/s": args.batch * (text + n_img) / per_step,
+        "tokens/s": args.batch * (mean_text + n_img) / per_step,
         "TFLOP/s": flops * args.batch / per_step / 1e12,
         "pad %": 100 * pad,
-        "peak GiB": peak / 2**30 if peak is not None else float("nan"),
-        "header": f"text lengths {min(lengths)}-{max(lengths)} tokens"
-                  f"{' from ' + str(args.lengths_from) if args.lengths_from else ' (uniform)'}, {n_img} image tokens",
+        "peak GiB": peak / 2**30 if peak is not None else None,
+    }
+    if not describe_text:
+        return row, None
+    whole = encode_examples(source.records, processor, template, n_img, base.config.image_token_index, None, None)[0]
+    return row, {
+        "source": source.description, "template": template, "tokenizer": tokenizer, "image_tokens": n_img,
+        "text_tokens_per_example": spread(text),
+        "text_tokens_of_real_records": spread([len(e["input_ids"]) - n_img for e in whole]),
+        "examples_too_long": too_long,
     }
 
 
-def main() -> int:
+def measure_all(paths: list[str], args, source: TextSource) -> tuple[dict, dict | None]:
+    """Each path's row; a path that runs out of GPU memory gets an `error` row and the rest still run."""
+    results, text = {}, None
+    for name in paths:
+        try:
+            results[name], described = measure(PATHS[name], args, source, describe_text=text is None)
+            text = text or described
+        except torch.OutOfMemoryError:
+            results[name] = {"error": f"out of GPU memory at batch {args.batch}"}
+        gc.collect()  # the failed or finished path's model goes before the next one is built
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return results, text
+
+
+def report(args, paths: list[str], results: dict, text: dict | None) -> dict:
+    """Print the table; return everything it shows, for --json."""
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    spec = STAGES[args.stage]
+    lora = lora_settings(spec["lora"]) if "lora" in spec else None
+    settings = (f"; LoRA r={lora.r} alpha={lora.alpha} on {','.join(lora.target_modules)} + projector in full"
+                f" ({spec['lora']}{', language model in 4-bit NF4' if spec.get('quantize') else ''})" if lora else "")
+    print(f"stage {args.stage}, model {args.model}, device {device}, dtype {args.dtype}, batch {args.batch}, "
+          f"{args.steps} steps (timed after 2), {'fused' if args.device == 'cuda' else 'plain'} AdamW, gradient "
+          f"checkpointing {'on' if args.gradient_checkpointing else 'off'}{settings}")
+    if text is not None:
+        print(f"text: {text['source']}; {text['template']} template, {text['tokenizer']}; text tokens per example"
+              f" min/median/max {describe(text['text_tokens_per_example'])} (the real records whole:"
+              f" {describe(text['text_tokens_of_real_records'])}), + {text['image_tokens']} image tokens"
+              + (f"; {text['examples_too_long']} drawn examples left out (--max-length would cut their image or"
+                 " first reply)" if text["examples_too_long"] else ""))
+    convention = (f"FLOP convention: per example, {spec['flops']}N per token for the language model's forward and"
+                  " backward (N = its parameters without embeddings, unquantised) over image + text tokens without"
+                  " padding, + 2 x the vision tower's parameters per patch token (counted on every path, cached"
+                  " or not)")
+    print(convention)
+    print(f"{'path':<10}{'samples/s':>12}{'tokens/s':>12}{'TFLOP/s':>10}{'pad %':>8}{'peak GiB':>10}")
+    for name, r in results.items():
+        if "error" in r:
+            print(f"{name:<10}  {r['error']}")
+            continue
+        peak = f"{r['peak GiB']:>10.2f}" if r["peak GiB"] is not None else f"{'-':>10}"
+        print(f"{name:<10}{r['samples/s']:>12.2f}{r['tokens/s']:>12.0f}{r['TFLOP/s']:>10.3f}{r['pad %']:>8.1f}{peak}")
+    ratios = {}
+    if "samples/s" in results.get("baseline", {}):
+        for name in paths[1:]:
+            if "samples/s" in results[name]:
+                ratios[name] = results[name]["samples/s"] / results["baseline"]["samples/s"]
+                print(f"{name} / baseline samples/s: {ratios[name]:.2f}x")
+    return {
+        "stage": args.stage, "model": args.model, "device": device, "dtype": args.dtype, "batch": args.batch,
+        "steps": args.steps, "gradient_checkpointing": args.gradient_checkpointing,
+        "lora": None if lora is None else {"config": spec["lora"], "r": lora.r, "alpha": lora.alpha,
+                                           "target_modules": list(lora.target_modules),
+                                           "quantize_4bit": bool(spec.get("quantize"))},
+        "text": text, "flop_convention": convention, "paths": results, "vs_baseline": ratios,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--stage", choices=["align", "instruct-lora", "instruct-full"], default="align")
-    p.add_argument("--model", default="tiny", help="tiny, small, llava-7b (random weights) or a checkpoint folder")
+    p.add_argument("--stage", choices=list(STAGES), default="align")
+    p.add_argument("--model", default="tiny", help="tiny, small, llava-7b (random weights) or a llava-hf checkpoint"
+                                                   " folder (instruct-qlora needs a folder)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--steps", type=int, default=12, help="optimizer steps per path; the first 2 are not timed")
+    p.add_argument("--paths", help=f"comma-separated paths to run, of {', '.join(PATHS)} (default: all the stage has)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="also measure the sparse path under torch.compile")
-    p.add_argument("--lengths-from", type=Path, help="draw text lengths from this conversation file")
-    args = p.parse_args()
+    p.add_argument("--lengths-from", type=Path, help="draw the examples' text from this conversation file")
+    p.add_argument("--max-length", type=int, default=2048,
+                   help="cut longer examples to this many tokens as training does (left out where that would cut"
+                        " the image or the first reply)")
+    p.add_argument("--json", type=Path, help="also write the table and its settings to this file")
+    return p
 
-    paths = [name for name in PATHS if (name != "cached" or args.stage == "align")
-             and (name != "compiled" or args.compile)]
-    results = {name: measure(PATHS[name], args) for name in paths}
-    print(f"stage {args.stage}, model {args.model}, device {args.device}, dtype {args.dtype}, batch {args.batch}, "
-          f"{args.steps} steps, optimizer {'fused' if args.device == 'cuda' else 'plain'} AdamW; "
-          f"{results['baseline']['header']}")
-    factor = FLOP_FACTOR[args.stage]
-    print(f"FLOP convention: per example, {factor}N per token for the language model's forward and backward"
-          " (N = its parameters without embeddings) over image + text tokens without padding, + 2 x the vision"
-          " tower's parameters per patch token (counted on every path, cached or not)")
-    print(f"{'path':<10}{'samples/s':>12}{'tokens/s':>12}{'TFLOP/s':>10}{'pad %':>8}{'peak GiB':>10}")
-    for name, r in results.items():
-        print(f"{name:<10}{r['samples/s']:>12.2f}{r['tokens/s']:>12.0f}{r['TFLOP/s']:>10.3f}{r['pad %']:>8.1f}"
-              f"{r['peak GiB']:>10.2f}")
-    for name in paths[1:]:
-        print(f"{name} / baseline samples/s: {results[name]['samples/s'] / results['baseline']['samples/s']:.2f}x")
+
+def stage_paths(args, parser) -> list[str]:
+    available = [name for name in PATHS if (name != "cached" or args.stage == "align")
+                 and (name != "compiled" or args.compile)]
+    if not args.paths:
+        return available
+    asked = [name.strip() for name in args.paths.split(",") if name.strip()]
+    unknown = [name for name in asked if name not in available]
+    if unknown:
+        parser.error(f"--paths {', '.join(unknown)}: stage {args.stage} has {', '.join(available)}")
+    return asked
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    paths = stage_paths(args, parser)
+    if args.steps < 3:
+        parser.error(f"--steps {args.steps}: at least 3 (2 untimed warm-up steps, then the timed ones)")
+    if STAGES[args.stage].get("quantize") and (refusal := qlora_refusal(args)):
+        print(f"bench_train: {refusal}", file=sys.stderr)
+        return 2
+    source = source_for("align" if args.stage == "align" else "instruct", args.lengths_from)
+    results, text = measure_all(paths, args, source)
+    table = report(args, paths, results, text)
+    if args.json:
+        atomic_write_json(args.json, table)
     return 0
 
 

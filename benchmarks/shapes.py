@@ -2,7 +2,9 @@
 
 `llava-7b` is LLaVA-1.5-7B: CLIP ViT-L/14 at 336 px (576 image tokens, features from the second-to-last
 layer), a 32-layer 4096-wide Llama with a 32064-token vocabulary, and the two-layer MLP projector.
-`tiny` and `small` are medllava's named random-weight models.
+`tiny` and `small` are medllava's named random-weight models. `random_7b_processor` is the processor the
+random 7B checkpoints carry: CLIP's 336 px preprocessing and medllava's small byte-level BPE tokenizer
+(no download; it splits biomedical text into more tokens than LLaMA's tokenizer does).
 """
 
 from __future__ import annotations
@@ -20,6 +22,19 @@ def llava_7b_config():
                                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
         image_token_index=32000, image_seq_length=576,
     )
+
+
+def random_7b_processor():
+    """A LlavaProcessor for the llava-7b shape: 336 px CLIP preprocessing (576 image tokens) and the
+    stand-in tokenizer (medllava's byte-level BPE, trained on its shipped corpus)."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    from medllava.tiny import CHAT_TEMPLATE, build_tokenizer
+
+    return LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
+        tokenizer=build_tokenizer(32000), patch_size=14, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
 
 
 def shape_config(name: str):

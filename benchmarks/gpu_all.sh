@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Every GPU benchmark of the README, in order, on one CUDA machine; each table is written as text and JSON.
+#
+#   bash benchmarks/gpu_all.sh [--out DIR] [--dry-run] [STEP ...]
+#
+# STEPs, in order (default: all of them, about 20 minutes on one H100). Estimates from measured H100 rates
+# (stage 1 baseline 10.5 samples/s at batch 32, stage 2 LoRA 3.1 samples/s at batch 16, eval 3.1 questions/s
+# batched), the baseline being the slowest path, plus ~15 s to build each path's model:
+#   align  stage 1, llava-7b shape: baseline, sparse, grouped, cached, packed;
+#          8 steps x 32 / 10.5 = 24 s a path                                              (~3.5 min)
+#   lora   stage 2 with LoRA (llava_med_lora.yaml): baseline, sparse, grouped, packed;
+#          8 steps x 16 / 3.1 = 41 s a path                                               (~4 min)
+#   full   stage 2 in full, gradient checkpointing, batch 8: baseline, sparse, packed; reported as out of
+#          memory where it does not fit                                                  (~2 min)
+#   qlora  stage 2 QLoRA (llava_med_qlora.yaml: batch 8, gradient checkpointing) on a random 7B checkpoint
+#          loaded in 4-bit for each of baseline, sparse, grouped, packed                  (~5 min, + ~2 min
+#          to write the checkpoint once)
+#   eval   batched generation on 451 questions (451 / 3.1 = 145 s) against one question at a time, timed
+#          on the first 48, random 7B checkpoint                                          (~4 min)
+# Where one command may run 10 minutes at most, run it in three calls: `align lora`, `full qlora`, `eval`.
+#
+# Tables go to --out DIR, else $OUT, else runs/bench-gpu (relative paths are from the repository root):
+# STEP.txt (what was printed), STEP.json (the figures and their settings), STEP.log (warnings), summary.txt
+# (each step's exit status and seconds) and environment.txt (GPU, driver, package versions). The random 7B
+# checkpoint is written once to $CHECKPOINT (default runs/bench-7b-random, ~14 GB). Wheels carried in
+# .wheels/ (bitsandbytes, for QLoRA) are installed first, each on its own, without a package index.
+# --dry-run prints every command instead of running it.
+# Each path trains --steps optimizer steps, the first 2 untimed; every command is bounded by `timeout`.
+
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT_DIR="${OUT:-runs/bench-gpu}"
+DRY_RUN=0
+STEPS=()
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --out) OUT_DIR="${2:?gpu_all.sh: --out needs a folder}"; shift 2 ;;
+        --dry-run) DRY_RUN=1; shift ;;
+        align|lora|full|qlora|eval) STEPS+=("$1"); shift ;;
+        *) echo "gpu_all.sh: unknown argument '$1' (steps: align lora full qlora eval;" \
+                "options: --out DIR, --dry-run)" >&2
+           exit 2 ;;
+    esac
+done
+[[ ${#STEPS[@]} -eq 0 ]] && STEPS=(align lora full qlora eval)
+PY="${PYTHON:-$(command -v python || command -v python3)}"
+CHECKPOINT="${CHECKPOINT:-runs/bench-7b-random}"
+TRAIN=("$PY" benchmarks/bench_train.py --model llava-7b --device cuda --dtype bfloat16)
+FAILED=0
+
+# run_step NAME SECONDS COMMAND...: run COMMAND for at most SECONDS; its output to NAME.txt, warnings to NAME.log.
+run_step() {
+    local name=$1 limit=$2
+    shift 2
+    if [[ $DRY_RUN == 1 ]]; then
+        echo "$name: timeout $limit $(printf '%q ' "$@")"
+        return 0
+    fi
+    local start=$SECONDS
+    echo "== $name (at most $limit s): $*"
+    timeout "$limit" "$@" 2>"$OUT_DIR/$name.log" | tee "$OUT_DIR/$name.txt"
+    local rc=${PIPESTATUS[0]}
+    [[ $rc == 124 ]] && echo "$name: stopped after $limit s" | tee -a "$OUT_DIR/$name.txt"
+    [[ $rc != 0 ]] && FAILED=$((FAILED + 1)) && tail -n 3 "$OUT_DIR/$name.log"
+    echo "$(date -u +%FT%TZ) $name exit $rc after $((SECONDS - start)) s" >>"$OUT_DIR/summary.txt"
+}
+
+install_wheels() {
+    local wheel
+    for wheel in .wheels/*.whl; do
+        [[ -e $wheel ]] || continue  # the glob matched nothing: no wheels carried
+        run_step "install-$(basename "$wheel" .whl)" 300 "$PY" -m pip install --no-index --find-links .wheels "$wheel"
+    done
+}
+
+record_environment() {
+    if [[ $DRY_RUN == 1 ]]; then
+        echo "environment: nvidia-smi and package versions to $OUT_DIR/environment.txt"
+        return 0
+    fi
+    { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+      "$PY" -c 'import importlib.metadata as m, platform
+print("python", platform.python_version())
+for p in ("torch", "transformers", "peft", "accelerate", "bitsandbytes"):
+    try: print(p, m.version(p))
+    except m.PackageNotFoundError: print(p, "not installed")'
+    } >"$OUT_DIR/environment.txt" 2>&1
+}
+
+ensure_checkpoint() {
+    if [[ $DRY_RUN == 1 || ! -f $CHECKPOINT/config.json ]]; then
+        run_step write-random-7b 300 "$PY" benchmarks/bench_eval.py --write-random-7b "$CHECKPOINT" --device cuda
+    fi
+}
+
+[[ $DRY_RUN == 1 ]] || mkdir -p "$OUT_DIR"
+install_wheels
+record_environment
+for step in "${STEPS[@]}"; do
+    case "$step" in
+        align) run_step align 420 "${TRAIN[@]}" --stage align --batch 32 --steps 8 \
+                   --paths baseline,sparse,grouped,cached,packed --json "$OUT_DIR/align.json" ;;
+        lora) run_step lora 420 "${TRAIN[@]}" --stage instruct-lora --batch 16 --steps 8 \
+                  --paths baseline,sparse,grouped,packed --json "$OUT_DIR/lora.json" ;;
+        full) run_step full 300 "${TRAIN[@]}" --stage instruct-full --batch 8 --steps 6 --gradient-checkpointing \
+                  --paths baseline,sparse,packed --json "$OUT_DIR/full.json" ;;
+        qlora) ensure_checkpoint
+               run_step qlora 480 "$PY" benchmarks/bench_train.py --model "$CHECKPOINT" --device cuda --dtype bfloat16 \
+                   --stage instruct-qlora --batch 8 --steps 6 --gradient-checkpointing \
+                   --paths baseline,sparse,grouped,packed --json "$OUT_DIR/qlora.json" ;;
+        eval) ensure_checkpoint
+              run_step eval 480 "$PY" benchmarks/bench_eval.py --model "$CHECKPOINT" --device cuda --dtype bfloat16 \
+                  --questions 451 --batch-size 32 --single-questions 48 --json "$OUT_DIR/eval.json" ;;
+    esac
+done
+[[ $DRY_RUN == 1 ]] || { echo "== summary ($OUT_DIR)"; cat "$OUT_DIR/summary.txt"; }
+exit "$FAILED"

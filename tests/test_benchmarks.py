@@ -1,0 +1,171 @@
+"""The GPU benchmarks' CPU-checkable parts: the QLoRA stage refuses a machine it cannot run on, the
+examples' text comes from the shipped real data by default, and benchmarks/gpu_all.sh's commands parse."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench_train():
+    return _load("bench_train")
+
+
+@pytest.fixture(scope="module")
+def real_text(bench_train):
+    from benchmarks import real_text  # importable once a benchmark script has put the repository on the path
+
+    return real_text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_qlora_stops_with_one_line_naming_what_it_needs(bench_train, capsys, monkeypatch):
+    def must_not_load(args):
+        raise AssertionError("a model was built on a machine that cannot run QLoRA")
+
+    monkeypatch.setattr(bench_train, "load_model", must_not_load)
+    assert bench_train.main(["--stage", "instruct-qlora", "--model", "tiny", "--steps", "3"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert captured.out == "" and len(lines) == 1
+    assert lines[0].startswith("bench_train: instruct-qlora") and "a CUDA GPU" in lines[0]
+    if importlib.util.find_spec("bitsandbytes") is None:
+        assert "bitsandbytes" in lines[0]
+
+
+def test_stage1_text_is_every_shipped_real_caption(real_text):
+    source = real_text.source_for("align", None)
+    ids = [r["id"] for r in source.records]
+    # 4 figures of the shipped PMC article (JATS), 10 LLaVA-Med captions; the article's figures are in both files.
+    assert len(ids) == len(set(ids)) == 14
+    assert sum(i.startswith("PMC3460867_") for i in ids) == 4
+    assert source.description.startswith("14 real PMC figure captions (4 from the JATS articles")
+    captions = {r["conversations"][1]["value"] for r in source.records}
+    drawn = source.draw(40, seed=1)
+    assert {r["conversations"][1]["value"] for r in drawn} <= captions
+    assert all(r["conversations"][0]["value"] == "<image>" for r in drawn)
+
+
+def test_stage2_examples_are_built_from_real_rounds(real_text):
+    source = real_text.source_for("instruct", None)
+    assert "teacher_conversations.jsonl" in source.description and len(source.records) == 2
+    real_rounds = {(a["value"].replace("<image>", "").strip(), b["value"])
+                   for rec in source.records for a, b in zip(rec["conversations"][::2], rec["conversations"][1::2])}
+    counts = {len(rec["conversations"]) // 2 for rec in source.records}
+    for rec in source.draw(30, seed=2):
+        turns = rec["conversations"]
+        assert len(turns) // 2 in counts and [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+        assert turns[0]["value"].startswith("<image>\n") and sum(t["value"].count("<image>") for t in turns) == 1
+        assert {(a["value"].replace("<image>", "").strip(), b["value"]) for a, b in zip(turns[::2], turns[1::2])} \
+            <= real_rounds
+
+
+def test_lengths_from_a_file_draws_its_records_whole(real_text):
+    path = REPO / "medllava" / "assets" / "demo" / "conversations.jsonl"
+    source = real_text.source_for("align", path)
+    assert source.description.startswith(f"9 records of {path}")
+    assert all(len(r["conversations"]) == 2 for r in source.draw(20))  # stage 1: each record's first round
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread: on a small shared CPU, more threads than free cores make a tiny run many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_tiny_model_trains_on_the_real_conversations_by_default(bench_train, tmp_path, capsys, one_thread):
+    from medllava.model import ModelConfig, build_model, num_image_tokens
+    from medllava.templates import encode_conversation
+
+    out = tmp_path / "lora.json"
+    argv = ["--stage", "instruct-lora", "--model", "tiny", "--device", "cpu", "--dtype", "float32", "--steps", "3",
+            "--batch", "2", "--paths", "baseline,sparse", "--json", str(out)]
+    assert bench_train.main(argv) == 0
+    table = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    text = table["text"]
+    assert "teacher_conversations.jsonl" in printed and "min/median/max" in printed
+    # The real conversations, encoded whole by the template code with the tiny tokenizer, give the lengths reported.
+    _, processor = build_model(ModelConfig(name_or_path="tiny"))
+    n_img = num_image_tokens(processor)
+    real = sorted(len(encode_conversation(r["conversations"], processor, "vicuna_v1", n_img)["input_ids"]) - n_img
+                  for r in bench_train.source_for("instruct", None).records)
+    whole = text["text_tokens_of_real_records"]
+    assert (whole["min"], whole["max"], whole["n"]) == (real[0], real[-1], 2)
+    assert text["image_tokens"] == n_img and text["text_tokens_per_example"]["n"] == 2 * (3 + 2)
+    assert table["lora"]["r"] == 128 and table["lora"]["config"] == "llava_med_lora.yaml"
+    assert set(table["paths"]) == {"baseline", "sparse"} and table["paths"]["baseline"]["samples/s"] > 0
+    assert "sparse" in table["vs_baseline"]
+
+
+def test_gpu_all_dry_run_commands_parse(bench_train, tmp_path):
+    bench_eval = _load("bench_eval")
+    out = tmp_path / "figures"
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_all.sh"), "--dry-run", "--out", str(out)],
+                          capture_output=True, text=True, check=True, timeout=30)
+    steps = {}
+    for line in done.stdout.splitlines():
+        name, _, command = line.partition(": ")
+        words = shlex.split(command)
+        if words[:1] != ["timeout"]:
+            continue
+        assert int(words[1]) <= 600  # no step may outlast one 10-minute command
+        script = Path(words[3]).name
+        steps[name] = (script, words[4:])
+    assert list(steps) == ["align", "lora", "full", "write-random-7b", "qlora", "eval"]
+    expected_stages = {"align": "align", "lora": "instruct-lora", "full": "instruct-full", "qlora": "instruct-qlora"}
+    for name, stage in expected_stages.items():
+        script, argv = steps[name]
+        parser = bench_train.build_parser()
+        args = parser.parse_args(argv)
+        assert script == "bench_train.py" and args.stage == stage and args.device == "cuda"
+        assert bench_train.stage_paths(args, parser)[0] == "baseline"
+        assert args.json == out / f"{name}.json"
+    eval_args = bench_eval.build_parser().parse_args(steps["eval"][1])
+    assert eval_args.questions == 451 and eval_args.json == out / "eval.json"
+    assert bench_eval.build_parser().parse_args(steps["write-random-7b"][1]).write_random_7b is not None
+    assert not out.exists()  # a dry run writes nothing
+    refused = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_all.sh"), "--dry-run", "all"],
+                             capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 2 and "unknown argument 'all'" in refused.stderr
+
+
+def test_a_path_out_of_gpu_memory_is_reported_and_the_others_still_run(bench_train, tmp_path, capsys, monkeypatch):
+    def fake_measure(options, args, source, describe_text=False):
+        if options["pack"]:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        row = {"samples/s": 4.0 if options["sparse_logits"] else 2.0, "tokens/s": 1.0, "TFLOP/s": 1.0,
+               "pad %": 0.0, "peak GiB": None}
+        return row, ({"source": "s", "template": "t", "tokenizer": "k", "image_tokens": 1, "examples_too_long": 0,
+                      "text_tokens_per_example": {"min": 1, "median": 2, "max": 3, "n": 3},
+                      "text_tokens_of_real_records": {"min": 1, "median": 2, "max": 3, "n": 3}}
+                     if describe_text else None)
+
+    monkeypatch.setattr(bench_train, "measure", fake_measure)
+    out = tmp_path / "full.json"
+    argv = ["--stage", "instruct-full", "--steps", "3", "--batch", "4", "--paths", "baseline,packed,sparse",
+            "--json", str(out)]
+    assert bench_train.main(argv) == 0
+    table = json.loads(out.read_text())
+    assert table["paths"]["packed"] == {"error": "out of GPU memory at batch 4"}
+    assert table["vs_baseline"] == {"sparse": 2.0}
+    assert "packed      out of GPU memory at batch 4" in capsys.readouterr().out
