@@ -121,14 +121,15 @@ def load_model(args):
 
         from benchmarks.shapes import llava_7b_config
 
+        processor, tokenizer = random_7b_processor(), "the random 7B checkpoints' stand-in BPE tokenizer"
         default = torch.get_default_dtype()
         torch.set_default_dtype(dtype)  # 7B parameters: never materialise them in float32 first
         try:
             with torch.device(args.device):
-                model = LlavaForConditionalGeneration(llava_7b_config())
+                # The config takes the tokenizer's ids: its <image> token is what the examples carry.
+                model = LlavaForConditionalGeneration(llava_7b_config(processor.tokenizer))
         finally:
             torch.set_default_dtype(default)
-        processor, tokenizer = random_7b_processor(), "the random 7B checkpoints' stand-in BPE tokenizer"
     else:
         model, processor = build_model(ModelConfig(name_or_path=args.model, dtype=args.dtype),
                                        quantize_4bit=spec.get("quantize", False))
@@ -137,8 +138,8 @@ def load_model(args):
     if spec.get("quantize"):
         from peft import prepare_model_for_kbit_training
 
-        # The plain QLoRA recipe: freeze everything (4-bit weights cannot take gradients; set_trainable would
-        # try), upcast the rest to float32; the adapters and the projector are made trainable by PEFT below.
+        # The plain QLoRA recipe: freeze everything and upcast the rest to float32; the adapters and the
+        # projector are made trainable by PEFT below.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
     else:
         set_trainable(model, spec["trains"])

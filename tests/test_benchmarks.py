@@ -169,3 +169,13 @@ def test_a_path_out_of_gpu_memory_is_reported_and_the_others_still_run(bench_tra
     assert table["paths"]["packed"] == {"error": "out of GPU memory at batch 4"}
     assert table["vs_baseline"] == {"sparse": 2.0}
     assert "packed      out of GPU memory at batch 4" in capsys.readouterr().out
+
+
+def test_the_7b_shape_expects_the_image_token_its_processor_writes(bench_train):
+    # Built on the meta device: the shape and its ids, no 7B of memory.
+    import argparse
+
+    model, processor, _ = bench_train.load_model(
+        argparse.Namespace(stage="align", model="llava-7b", device="meta", dtype="float32"))
+    assert model.config.image_token_index == processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    assert sum(p.numel() for p in model.parameters()) > 7e9
