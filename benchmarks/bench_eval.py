@@ -135,21 +135,13 @@ def _device_name(device: str) -> str:
 
 def write_random_7b(out: Path, layers: int | None, device: str) -> Path:
     """A random-weight llava-hf checkpoint in LLaVA-1.5-7B's shape, saved in bfloat16."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
-    from benchmarks.shapes import random_7b_processor
+    from benchmarks.shapes import llava_7b_config, random_7b_processor
 
     processor = random_7b_processor()
     tokenizer = processor.tokenizer
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                       num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768),
-        text_config=LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008,
-                                num_hidden_layers=layers or 32, num_attention_heads=32, num_key_value_heads=32,
-                                max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
-                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=576,
-        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    config = llava_7b_config(tokenizer, layers)
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # 7B parameters: never materialise them in float32

@@ -12,15 +12,22 @@ from __future__ import annotations
 SHAPES = ("llava-7b", "tiny", "small")
 
 
-def llava_7b_config():
+def llava_7b_config(tokenizer=None, layers: int | None = None):
+    """LLaVA-1.5-7B's LlavaConfig; with `tokenizer`, its special and `<image>` token ids are used.
+    `layers` shrinks the language model (to try the code path on a small machine)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
+    ids = {} if tokenizer is None else {key: getattr(tokenizer, key)
+                                        for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
     return LlavaConfig(
         vision_config=CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                        num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768),
-        text_config=LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
-        image_token_index=32000, image_seq_length=576,
+        text_config=LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008,
+                                num_hidden_layers=layers or 32, num_attention_heads=32, num_key_value_heads=32,
+                                max_position_embeddings=4096, **ids),
+        image_token_index=32000 if tokenizer is None else tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=576, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
     )
 
 
