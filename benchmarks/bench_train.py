@@ -112,8 +112,9 @@ def lora_settings(config_name: str):
     return load_config(AdaptConfig, CONFIGS / config_name).instruct.lora
 
 
-def load_model(args):
-    """`(model, processor, tokenizer description)` for `--model`, trainable as `--stage` trains it."""
+def load_model(args, attn: str = "sdpa"):
+    """`(model, processor, tokenizer description)` for `--model`, trainable as `--stage` trains it,
+    with attention kernel `attn` (transformers' attn_implementation)."""
     spec = STAGES[args.stage]
     dtype = getattr(torch, args.dtype)
     if args.model == "llava-7b":
@@ -130,8 +131,9 @@ def load_model(args):
                 model = LlavaForConditionalGeneration(llava_7b_config(processor.tokenizer))
         finally:
             torch.set_default_dtype(default)
+        model.set_attn_implementation(attn)
     else:
-        model, processor = build_model(ModelConfig(name_or_path=args.model, dtype=args.dtype),
+        model, processor = build_model(ModelConfig(name_or_path=args.model, dtype=args.dtype, attn_implementation=attn),
                                        quantize_4bit=spec.get("quantize", False))
         named = args.model in TINY_SPECS
         tokenizer = f"the {args.model} model's BPE tokenizer" if named else f"the tokenizer of {args.model}"
@@ -248,11 +250,11 @@ def parameter_counts(config) -> tuple[int, int]:
     return n_llm, sum(p.numel() for p in shape.vision_tower.parameters())
 
 
-def measure(options, args, source: TextSource, describe_text: bool = False):
+def measure(options, args, source: TextSource, describe_text: bool = False, attn: str = "sdpa"):
     """Build a fresh model, train one path, return its row of the table, and with `describe_text` what the
     text it trained on was (encoding every real record whole once, for their lengths)."""
     torch.manual_seed(0)
-    model, processor, tokenizer = load_model(args)
+    model, processor, tokenizer = load_model(args, attn)
     base = model.base_model.model if "lora" in STAGES[args.stage] else model
     n_img = num_image_tokens(processor)
     template = STAGES[args.stage]["template"]
@@ -298,7 +300,10 @@ def measure_all(paths: list[str], args, source: TextSource) -> tuple[dict, dict 
     results, text = {}, None
     for name in paths:
         try:
-            results[name], described = measure(PATHS[name], args, source, describe_text=text is None)
+            # The baseline is the plain way, sdpa; --attn picks the kernel of medllava's paths.
+            attn = "sdpa" if name == "baseline" else args.attn
+            results[name], described = measure(PATHS[name], args, source, describe_text=text is None, attn=attn)
+            results[name]["attn"] = attn
             text = text or described
         except torch.OutOfMemoryError:
             results[name] = {"error": f"out of GPU memory at batch {args.batch}"}
@@ -317,7 +322,8 @@ def report(args, paths: list[str], results: dict, text: dict | None) -> dict:
                 f" ({spec['lora']}{', language model in 4-bit NF4' if spec.get('quantize') else ''})" if lora else "")
     print(f"stage {args.stage}, model {args.model}, device {device}, dtype {args.dtype}, batch {args.batch}, "
           f"{args.steps} steps (timed after 2), {'fused' if args.device == 'cuda' else 'plain'} AdamW, gradient "
-          f"checkpointing {'on' if args.gradient_checkpointing else 'off'}{settings}")
+          f"checkpointing {'on' if args.gradient_checkpointing else 'off'}, attention: baseline sdpa, the other paths"
+          f" {args.attn}{settings}")
     if text is not None:
         print(f"text: {text['source']}; {text['template']} template, {text['tokenizer']}; text tokens per example"
               f" min/median/max {describe(text['text_tokens_per_example'])} (the real records whole:"
@@ -362,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=12, help="optimizer steps per path; the first 2 are not timed")
     p.add_argument("--paths", help=f"comma-separated paths to run, of {', '.join(PATHS)} (default: all the stage has)")
+    p.add_argument("--attn", default="sdpa", choices=("sdpa", "flex_attention", "flash_attention_2", "eager"),
+                   help="attention kernel of every path but the baseline (sdpa, the plain way); packed rows keep"
+                        " attention inside each example under each of them")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="also measure the sparse path under torch.compile")
     p.add_argument("--lengths-from", type=Path, help="draw the examples' text from this conversation file")
@@ -390,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     paths = stage_paths(args, parser)
     if args.steps < 3:
         parser.error(f"--steps {args.steps}: at least 3 (2 untimed warm-up steps, then the timed ones)")
+    if args.attn == "flex_attention" and args.device == "cpu":
+        parser.error("--attn flex_attention: torch's flex attention has no backward pass on a CPU; use --device cuda")
     if STAGES[args.stage].get("quantize") and (refusal := qlora_refusal(args)):
         print(f"bench_train: {refusal}", file=sys.stderr)
         return 2

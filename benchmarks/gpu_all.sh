@@ -10,6 +10,7 @@
 #          8 steps x 32 / 10.5 = 24 s a path                                              (~3.5 min)
 #   lora   stage 2 with LoRA (llava_med_lora.yaml): baseline, sparse, grouped, packed;
 #          8 steps x 16 / 3.1 = 41 s a path                                               (~4 min)
+#   flex   stage 2 LoRA again with flex attention for medllava's paths (baseline: sdpa)    (~2 min)
 #   full   stage 2 in full, gradient checkpointing, batch 8: baseline, sparse, packed; reported as out of
 #          memory where it does not fit                                                  (~2 min)
 #   qlora  stage 2 QLoRA (llava_med_qlora.yaml: batch 8, gradient checkpointing) on a random 7B checkpoint
@@ -17,7 +18,7 @@
 #          to write the checkpoint once)
 #   eval   batched generation on 451 questions (451 / 3.1 = 145 s) against one question at a time, timed
 #          on the first 48, random 7B checkpoint                                          (~4 min)
-# Where one command may run 10 minutes at most, run it in three calls: `align lora`, `full qlora`, `eval`.
+# Where one command may run 10 minutes at most, run it in calls: `align lora`, `flex full`, `qlora`, `eval`.
 #
 # Tables go to --out DIR, else $OUT, else runs/bench-gpu (relative paths are from the repository root):
 # STEP.txt (what was printed), STEP.json (the figures and their settings), STEP.log (warnings), summary.txt
@@ -37,13 +38,13 @@ while [[ $# -gt 0 ]]; do
     case "$1" in
         --out) OUT_DIR="${2:?gpu_all.sh: --out needs a folder}"; shift 2 ;;
         --dry-run) DRY_RUN=1; shift ;;
-        align|lora|full|qlora|eval) STEPS+=("$1"); shift ;;
-        *) echo "gpu_all.sh: unknown argument '$1' (steps: align lora full qlora eval;" \
+        align|lora|flex|full|qlora|eval) STEPS+=("$1"); shift ;;
+        *) echo "gpu_all.sh: unknown argument '$1' (steps: align lora flex full qlora eval;" \
                 "options: --out DIR, --dry-run)" >&2
            exit 2 ;;
     esac
 done
-[[ ${#STEPS[@]} -eq 0 ]] && STEPS=(align lora full qlora eval)
+[[ ${#STEPS[@]} -eq 0 ]] && STEPS=(align lora flex full qlora eval)
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 CHECKPOINT="${CHECKPOINT:-runs/bench-7b-random}"
 TRAIN=("$PY" benchmarks/bench_train.py --model llava-7b --device cuda --dtype bfloat16)
@@ -103,6 +104,8 @@ for step in "${STEPS[@]}"; do
                    --paths baseline,sparse,grouped,cached,packed --json "$OUT_DIR/align.json" ;;
         lora) run_step lora 420 "${TRAIN[@]}" --stage instruct-lora --batch 16 --steps 8 \
                   --paths baseline,sparse,grouped,packed --json "$OUT_DIR/lora.json" ;;
+        flex) run_step flex 300 "${TRAIN[@]}" --stage instruct-lora --batch 16 --steps 8 --attn flex_attention \
+                  --paths baseline,sparse,packed --json "$OUT_DIR/flex.json" ;;
         full) run_step full 300 "${TRAIN[@]}" --stage instruct-full --batch 8 --steps 6 --gradient-checkpointing \
                   --paths baseline,sparse,packed --json "$OUT_DIR/full.json" ;;
         qlora) ensure_checkpoint

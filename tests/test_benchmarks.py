@@ -131,8 +131,9 @@ def test_gpu_all_dry_run_commands_parse(bench_train, tmp_path):
         assert int(words[1]) <= 600  # no step may outlast one 10-minute command
         script = Path(words[3]).name
         steps[name] = (script, words[4:])
-    assert list(steps) == ["align", "lora", "full", "write-random-7b", "qlora", "eval"]
-    expected_stages = {"align": "align", "lora": "instruct-lora", "full": "instruct-full", "qlora": "instruct-qlora"}
+    assert list(steps) == ["align", "lora", "flex", "full", "write-random-7b", "qlora", "eval"]
+    expected_stages = {"align": "align", "lora": "instruct-lora", "flex": "instruct-lora", "full": "instruct-full",
+                       "qlora": "instruct-qlora"}
     for name, stage in expected_stages.items():
         script, argv = steps[name]
         parser = bench_train.build_parser()
@@ -140,6 +141,7 @@ def test_gpu_all_dry_run_commands_parse(bench_train, tmp_path):
         assert script == "bench_train.py" and args.stage == stage and args.device == "cuda"
         assert bench_train.stage_paths(args, parser)[0] == "baseline"
         assert args.json == out / f"{name}.json"
+        assert args.attn == ("flex_attention" if name == "flex" else "sdpa")
     eval_args = bench_eval.build_parser().parse_args(steps["eval"][1])
     assert eval_args.questions == 451 and eval_args.json == out / "eval.json"
     assert bench_eval.build_parser().parse_args(steps["write-random-7b"][1]).write_random_7b is not None
@@ -150,7 +152,7 @@ def test_gpu_all_dry_run_commands_parse(bench_train, tmp_path):
 
 
 def test_a_path_out_of_gpu_memory_is_reported_and_the_others_still_run(bench_train, tmp_path, capsys, monkeypatch):
-    def fake_measure(options, args, source, describe_text=False):
+    def fake_measure(options, args, source, describe_text=False, attn="sdpa"):
         if options["pack"]:
             raise torch.OutOfMemoryError("CUDA out of memory")
         row = {"samples/s": 4.0 if options["sparse_logits"] else 2.0, "tokens/s": 1.0, "TFLOP/s": 1.0,
