@@ -59,6 +59,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.real_text import TextSource, describe, source_for, spread  # noqa: E402
 from benchmarks.shapes import meta_model, random_7b_processor  # noqa: E402
 from finetune.stages import apply_lora  # noqa: E402
+from finetune.trainer import checkpointing_arguments  # noqa: E402
 from medllava.data import Collator, supervised_loss  # noqa: E402
 from medllava.io import atomic_write_json  # noqa: E402
 from medllava.model import TRAINABLE, ModelConfig, build_model, num_image_tokens, set_trainable  # noqa: E402
@@ -213,8 +214,7 @@ def run(model, examples, collator, args, loss_func, lengths=None, cache=None, co
     targs = TrainingArguments(
         output_dir="/tmp/medllava-bench", per_device_train_batch_size=args.batch, max_steps=args.steps,
         learning_rate=1e-5, report_to=[], save_strategy="no", logging_strategy="no", remove_unused_columns=False,
-        bf16=args.dtype == "bfloat16", gradient_checkpointing=args.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
+        bf16=args.dtype == "bfloat16", **checkpointing_arguments(args.gradient_checkpointing),
         dataloader_num_workers=0, use_cpu=args.device == "cpu", disable_tqdm=True,
         optim=optimizer_name(args.device == "cuda"), torch_compile=compiled,
     )

@@ -134,6 +134,19 @@ def optimizer_name(on_gpu: bool) -> str:
     return "adamw_torch_fused" if on_gpu else "adamw_torch"
 
 
+def checkpointing_arguments(enabled: bool) -> dict:
+    """TrainingArguments for activation (gradient) checkpointing, non-reentrant, under the name the
+    installed transformers takes: `activation_checkpointing` where it exists (the old name warns
+    there), `gradient_checkpointing` in older 5.x releases."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    name = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
+
+
 def training_arguments(stage: StageConfig, out_dir: Path, run, evaluate: bool = False):
     """TrainingArguments of one stage. Create them before the model is loaded: under DeepSpeed ZeRO-3
     they register the config that makes `from_pretrained` load each rank's shard only."""
@@ -154,8 +167,7 @@ def training_arguments(stage: StageConfig, out_dir: Path, run, evaluate: bool = 
         optim=optimizer_name(on_gpu),
         torch_compile=stage.torch_compile,
         bf16=run.bf16 and (not on_gpu or torch.cuda.is_bf16_supported()),
-        gradient_checkpointing=stage.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if stage.gradient_checkpointing else None,
+        **checkpointing_arguments(stage.gradient_checkpointing),
         save_strategy="steps",
         save_steps=stage.save_steps,
         save_total_limit=stage.save_total_limit,

@@ -220,6 +220,18 @@ def test_optimizer_and_compile_settings_reach_the_training_arguments(tmp_path):
     assert compiled.torch_compile is True
 
 
+def test_activation_checkpointing_is_non_reentrant_and_asked_for_without_a_deprecation_warning(tmp_path):
+    import warnings
+
+    stage = from_dict(StageConfig, {"global_batch_size": 4, "per_device_batch_size": 2, "dataloader_workers": 0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # transformers warns when given the old name it renamed
+        on = training_arguments(dataclasses.replace(stage, gradient_checkpointing=True), tmp_path, RUN)
+        off = training_arguments(dataclasses.replace(stage, gradient_checkpointing=False), tmp_path, RUN)
+    assert on.gradient_checkpointing is True and on.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert off.gradient_checkpointing is False
+
+
 def test_zero3_estimate_counts_the_tiny_shape(capsys):
     pytest.importorskip("deepspeed")
     spec = importlib.util.spec_from_file_location("zero3_memory", REPO / "benchmarks" / "zero3_memory.py")
