@@ -5,12 +5,9 @@ many requests and gets each result as it finishes, while the client keeps a fixe
 flight, retries transient failures, and appends every reply to an on-disk cache so a killed run
 resumes without paying for any reply twice.
 
-Why the standard library (urllib) and not the `openai` SDK: a chat-completions call is one JSON
-POST, and the behaviour that matters here (which failures are retried, how long to wait, when to
-give up, what is cached) has to be exact and testable against a loopback server. The SDK brings
-its own retry loop with fixed backoff constants and its own timeout and error classes that differ
-between versions, so we would have to switch most of it off and wrap the rest; with urllib every
-one of those decisions is in this file, and there is no dependency to add.
+This file holds the configuration, the request and result types, and the scheduling: concurrency,
+de-duplication, retries with backoff, usage totals. One HTTP attempt and the sorting of its failures
+is `medllava.llm_http`; the reply cache is `medllava.llm_cache`.
 
 The API key is read from the environment variable whose *name* is configured. It is only ever put
 in the Authorization header: it is not stored in the config, the cache, logs, reprs or error
@@ -21,32 +18,21 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
-import email.utils
-import hashlib
-import http.client
 import json
 import logging
 import os
 import random
-import socket
 import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from medllava.io import JsonlLog, read_jsonl
+from medllava.llm_cache import ResponseCache, request_hash
+from medllava.llm_http import Endpoint, EndpointError, RejectedError, TransientError, parse_reply, parse_retry_after
+
+__all__ = ["ChatClient", "ChatRequest", "ChatResult", "ClientConfig", "EndpointError", "ResponseCache",
+           "UsageStats", "parse_reply", "parse_retry_after", "request_hash"]
 
 log = logging.getLogger(__name__)
-
-# Statuses worth retrying: rate limits, request timeouts, conflicts and server-side errors.
-RETRY_STATUSES = frozenset({408, 409, 429})
-# Statuses after which no request can succeed (bad key, no access, wrong URL or model).
-FATAL_STATUSES = frozenset({401, 403, 404})
-_MAX_ERROR_BODY = 300
-_READ_CHUNK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -142,106 +128,8 @@ class UsageStats:
                 f"{self.completion_tokens}; estimated cost {self.cost:.4f}")
 
 
-class EndpointError(ConnectionError):
-    """The endpoint is down, keeps failing, or refuses every request (bad key, wrong URL or model)."""
-
-
-class _Transient(Exception):
-    """A failure worth retrying; `retry_after` is the server's requested wait in seconds, if any."""
-
-    def __init__(self, reason: str, retry_after: float | None = None):
-        super().__init__(reason)
-        self.retry_after = retry_after
-
-
-class _Rejected(Exception):
-    """A failure of this request only (malformed reply, 4xx): counted, not retried, not cached."""
-
-
 class _Cancelled(Exception):
     """The run was stopped while this request waited to retry."""
-
-
-def request_hash(model: str, messages: list[dict], params: dict) -> str:
-    """Cache key: SHA-256 of the canonical JSON of what decides the reply (never the API key)."""
-    canonical = json.dumps({"model": model, "messages": messages, "params": params},
-                           sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-def parse_retry_after(headers, now: float | None = None) -> float | None:
-    """Seconds to wait from `retry-after-ms`, or `Retry-After` as seconds or an HTTP date."""
-    if headers is None:
-        return None
-    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
-        try:
-            return max(0.0, float(headers[name]) / scale)
-        except (KeyError, TypeError, ValueError):
-            pass
-    value = headers.get("retry-after")
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
-
-
-def parse_reply(raw: bytes) -> dict:
-    """The fields we use from a chat-completions reply; raises _Rejected when they are missing."""
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise _Rejected(f"malformed reply: not JSON ({e})") from None
-    choices = obj.get("choices") if isinstance(obj, dict) else None
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise _Rejected("malformed reply: no choices")
-    message = choices[0].get("message")
-    content = message.get("content") if isinstance(message, dict) else None
-    if not isinstance(content, str):
-        raise _Rejected("malformed reply: choices[0].message.content is not a string")
-    usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else {}
-    return {"text": content,
-            "prompt_tokens": _count(usage.get("prompt_tokens")),
-            "completion_tokens": _count(usage.get("completion_tokens")),
-            "finish_reason": choices[0].get("finish_reason")}
-
-
-def _count(value) -> int:
-    """A token count from `usage`; servers that omit or garble it count as zero, not as a failure."""
-    try:
-        return max(0, int(value or 0))
-    except (TypeError, ValueError):
-        return 0
-
-
-class ResponseCache:
-    """Append-only JSONL of successful replies keyed by request hash; survives being killed."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self._log = JsonlLog(self.path)  # opening cuts off a half-written last line
-        self._rows: dict[str, dict] = {}
-        errors: list[str] = []
-        for _, row in read_jsonl(self.path, skip_bad=True, errors=errors):
-            if isinstance(row.get("hash"), str) and isinstance(row.get("text"), str):
-                self._rows.setdefault(row["hash"], row)
-        if errors:
-            log.warning("cache %s: %d unreadable lines ignored (first: %s)", self.path, len(errors), errors[0])
-        self._lock = threading.Lock()
-
-    def get(self, h: str) -> dict | None:
-        with self._lock:
-            return self._rows.get(h)
-
-    def put(self, h: str, key: str, reply: dict) -> None:
-        row = {"hash": h, "key": key, **reply}
-        with self._lock:
-            if h not in self._rows:
-                self._rows[h] = row
-                self._log.append(row)
-
-    def close(self) -> None:
-        self._log.close()
 
 
 class ChatClient:
@@ -254,13 +142,11 @@ class ChatClient:
 
     def __init__(self, config: ClientConfig, cache_path: str | os.PathLike | None = None):
         self.config = config
-        self._api_key = self._read_key(config.api_key_env)
+        self._endpoint = Endpoint(config.url, self._read_key(config.api_key_env), config.api_key_env,
+                                  config.timeout_s)
         self.cache = ResponseCache(cache_path) if cache_path else None
         self.stats = UsageStats(price_prompt_per_1k=config.price_prompt_per_1k,
                                 price_completion_per_1k=config.price_completion_per_1k)
-        # Proxies come from http(s)_proxy / no_proxy as usual; redirects are refused, since
-        # following one would resend the Authorization header to wherever it points.
-        self._opener = urllib.request.build_opener(_NoRedirect)
 
     def __repr__(self) -> str:
         return (f"ChatClient(url={self.config.url!r}, model={self.config.model!r}, "
@@ -285,9 +171,6 @@ class ChatClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def _scrub(self, text: str) -> str:
-        return text.replace(self._api_key, "***") if self._api_key else text
 
     def run(self, requests: Iterable[ChatRequest]) -> Iterator[ChatResult]:
         """Yield one ChatResult per request, in completion order (cache hits first, immediately).
@@ -370,10 +253,10 @@ class ChatClient:
             if stop.is_set():
                 raise _Cancelled()
             try:
-                reply = parse_reply(self._post(body))
-            except _Rejected as e:
+                reply = parse_reply(self._endpoint.post(body))
+            except RejectedError as e:
                 return ChatResult(req.key, attempts=attempt, error=str(e))
-            except _Transient as e:
+            except TransientError as e:
                 last = str(e)
                 if attempt == cfg.max_attempts:
                     break
@@ -394,65 +277,6 @@ class ChatClient:
             return min(retry_after, cfg.retry_after_max_s)
         # Jitter spreads retries of requests that failed together so they do not collide again.
         return min(cfg.backoff_max_s, cfg.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-
-    def _post(self, body: bytes) -> bytes:
-        """One HTTP attempt; returns the 2xx body or raises _Transient / _Rejected / EndpointError."""
-        cfg = self.config
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
-        request = urllib.request.Request(cfg.url, data=body, headers=headers, method="POST")
-        deadline = time.monotonic() + cfg.timeout_s
-        try:
-            with self._opener.open(request, timeout=cfg.timeout_s) as response:
-                return _read_until(response, deadline)
-        except urllib.error.HTTPError as e:
-            self._raise_for_status(e)
-        except urllib.error.URLError as e:
-            reason = e.reason
-            if isinstance(reason, (TimeoutError, socket.timeout)):
-                raise _Transient(f"timed out after {cfg.timeout_s}s") from None
-            raise _Transient(f"connection failed: {self._scrub(str(reason))}") from None
-        except (TimeoutError, socket.timeout):
-            raise _Transient(f"timed out after {cfg.timeout_s}s") from None
-        except (OSError, http.client.HTTPException) as e:  # refused, reset, TLS failures, bad status lines
-            raise _Transient(f"connection failed: {type(e).__name__}: {self._scrub(str(e))}") from None
-
-    def _raise_for_status(self, e: urllib.error.HTTPError):
-        try:
-            detail = e.read(_MAX_ERROR_BODY).decode("utf-8", "replace")
-        except (OSError, http.client.HTTPException):
-            detail = ""
-        finally:
-            e.close()
-        status = f"HTTP {e.code}" + (f": {self._scrub(detail).strip()}" if detail.strip() else "")
-        if e.code in RETRY_STATUSES or e.code >= 500:
-            raise _Transient(status, parse_retry_after(e.headers)) from None
-        if e.code in FATAL_STATUSES or 300 <= e.code < 400:
-            hint = ""
-            if e.code in (401, 403):
-                hint = f" (check the key in ${self.config.api_key_env})"
-            elif e.code < 400:
-                hint = " (redirects are not followed: give the final URL as the base URL)"
-            raise EndpointError(f"endpoint {self.config.url} refused the request: {status}{hint}") from None
-        raise _Rejected(f"request rejected: {status}") from None
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None  # urllib then raises HTTPError with the 3xx status
-
-
-def _read_until(response, deadline: float) -> bytes:
-    """Read the body in chunks so a server that trickles bytes still hits the per-request limit."""
-    chunks = []
-    while True:
-        if time.monotonic() > deadline:
-            raise TimeoutError("reply not finished before the deadline")
-        chunk = response.read(_READ_CHUNK)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
 
 
 def _result_from(key: str, reply: dict, cached: bool, attempts: int = 0) -> ChatResult:
