@@ -37,7 +37,9 @@ class ModelConfig:
     """Weight dtype: float32, bfloat16 or float16."""
 
     attn_implementation: str = "sdpa"
-    """Attention kernel passed to transformers: sdpa or eager (flash_attention_2 where installed)."""
+    """Attention kernel passed to transformers: sdpa, eager, flex_attention (PyTorch's own; with packing it keeps
+    attention inside each packed example without a dense mask; trains on CUDA only) or flash_attention_2 (where
+    installed)."""
 
     trust_remote_code: bool = False
     """Allow code shipped inside the checkpoint folder to run. Off: llava-hf checkpoints need none."""
@@ -76,6 +78,12 @@ def build_model(cfg: ModelConfig, quantize_4bit: bool = False):
     return model.eval(), processor
 
 
+# Modules QLoRA keeps unquantised, as transformers 5 matches them: from the start of the full module name
+# (LlavaForConditionalGeneration holds model.vision_tower, model.multi_modal_projector, model.language_model
+# and lm_head), so a bare "vision_tower" would match nothing and the vision side would go to 4-bit.
+NF4_SKIP_MODULES = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
+
+
 def _nf4_config(compute_dtype):
     """QLoRA's quantisation: NF4 with double quantisation, the vision side kept in full precision."""
     import importlib.util
@@ -93,7 +101,7 @@ def _nf4_config(compute_dtype):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
-        llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"],
+        llm_int8_skip_modules=list(NF4_SKIP_MODULES),
     )
 
 

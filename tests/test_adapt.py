@@ -230,6 +230,29 @@ def test_qlora_without_a_gpu_says_what_it_needs(tmp_path, tiny_checkpoint):
                   ["instruct"])
 
 
+def test_flex_attention_without_a_gpu_is_refused_before_any_training(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: flex attention trains there")
+    cfg = from_dict(AdaptConfig, config(tmp_path / "run", model={"name_or_path": "tiny",
+                                                                "attn_implementation": "flex_attention"}))
+    with pytest.raises(ValueError, match="flex_attention trains on a CUDA GPU only.*attn_implementation=sdpa"):
+        run_adapt(cfg, ["align"])
+    assert not (tmp_path / "run" / "align" / "checkpoints").exists()
+
+
+def test_qlora_quantises_the_language_model_and_nothing_of_the_vision_side():
+    # transformers' own matcher, on every linear layer of the model: the skip list decides what goes to 4-bit.
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from medllava.model import NF4_SKIP_MODULES
+
+    model, _ = build_model(ModelConfig(name_or_path="tiny"))
+    linears = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    converted = {name for name in linears if should_convert_module(name, list(NF4_SKIP_MODULES))}
+    language = {name for name in linears if name.startswith("model.language_model.")}
+    assert language and converted == language, sorted(set(linears) - language)[:3]
+
+
 def test_packed_sparse_and_plain_stages_log_the_same_first_loss(tmp_path):
     first = {}
     for name, options in {"plain": dict(packing=False, sparse_logits=False),
