@@ -75,6 +75,12 @@ def run_stage(
         raise ValueError(f"stage {name}: lora.quantize_4bit needs lora.enabled (QLoRA trains adapters on a 4-bit model)")
     modules = tuple(stage.train_modules) or TRAINABLE[name]
     check_speed_options(name, stage, modules, run)
+    if start.attn_implementation == "flex_attention":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"stage {name}: model.attn_implementation=flex_attention trains on a CUDA GPU only (torch's"
+                             " flex attention has no backward pass on a CPU); set model.attn_implementation=sdpa")
     model, processor = build_model(start, quantize_4bit=stage.lora.quantize_4bit)
     set_trainable(model, modules)
     if stage.lora.quantize_4bit:
@@ -83,7 +89,7 @@ def run_stage(
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=stage.gradient_checkpointing)
         set_trainable(model, modules)
     if stage.lora.enabled:
-        model = apply_lora(model, stage.lora, modules)
+        model = apply_lora(model, stage.lora, modules, autocast=args.bf16 or args.fp16)
     dataset, data_report = prepare_dataset(stage, processor, out_dir)
     if len(dataset) == 0:
         raise ValueError(f"stage {name}: no usable examples in {stage.data.path}\n{data_report['summary']}")
@@ -192,9 +198,15 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def apply_lora(model, lora: LoraConfig, modules: tuple[str, ...]):
+def apply_lora(model, lora: LoraConfig, modules: tuple[str, ...], autocast: bool = False):
     """Wrap the language model's linear layers with LoRA adapters; other trained modules
-    (the projector) are trained in full and saved with the adapter."""
+    (the projector) are trained in full and saved with the adapter.
+
+    The adapters are kept in float32. PEFT casts each layer's input to their dtype before the adapter
+    runs; with `autocast` (the model trains under bf16/fp16 autocast, as Trainer's `bf16` does) the adapter
+    matmuls run in half precision anyway, so that cast (a float32 copy of every adapted layer's input, and
+    its dropout in float32) is skipped, as PEFT itself does for 4-bit layers under autocast.
+    """
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -208,7 +220,12 @@ def apply_lora(model, lora: LoraConfig, modules: tuple[str, ...]):
         modules_to_save=[m for m in modules if m not in ("language_model", "lm_head")] or None,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, peft_config)
+    model = get_peft_model(model, peft_config)
+    if autocast:
+        for module in model.modules():
+            if hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = False
+    return model
 
 
 def prepare_dataset(stage: StageConfig, processor, out_dir: Path, data: DataConfig | None = None):

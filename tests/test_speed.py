@@ -244,3 +244,33 @@ def test_zero3_estimate_counts_the_tiny_shape(capsys):
     assert f"{trained:,} trained parameters" in printed
     assert "HW: Setup with 1 node, 8 GPUs per node." in printed and "per GPU" in printed
     assert "offload_param=none, offload_optimizer=none, zero_init=1" in printed
+
+
+def test_lora_under_autocast_skips_the_input_cast_and_learns_the_same(batch):
+    # Adapters stay in float32 either way; under bf16 autocast their matmuls run in bf16, so PEFT's float32
+    # copy of every adapted layer's input changes nothing but the memory traffic.
+    from finetune.config import LoraConfig
+    from finetune.stages import apply_lora
+
+    _, _, inputs = batch
+    results = {}
+    for autocast in (False, True):
+        model, _ = build_model(ModelConfig(name_or_path="tiny", dtype="bfloat16"))
+        model = apply_lora(model, LoraConfig(enabled=True, r=8, alpha=16, dropout=0.0), ("multi_modal_projector",),
+                           autocast=autocast)
+        flags = {m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")}
+        assert flags == {not autocast}
+        torch.manual_seed(0)
+        for name, p in model.named_parameters():  # B is zero at the start: give the adapters a signal both ways
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)
+        assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**{k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()}).loss
+        loss.backward()
+        grads = {n: p.grad.float() for n, p in model.named_parameters() if "lora_A" in n}
+        results[autocast] = (loss.detach().float(), grads)
+    (loss0, grads0), (loss1, grads1) = results[False], results[True]
+    assert torch.allclose(loss0, loss1, rtol=1e-2)
+    for name, g in grads0.items():
+        assert torch.allclose(grads1[name], g, rtol=0.05, atol=1e-3 * g.abs().max()), name
