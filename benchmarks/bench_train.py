@@ -20,7 +20,15 @@ checkpoint folder to load in 4-bit). Every path trains the same model from the s
 - grouped: as sparse, batches of similar length (`finetune.trainer.length_grouped_sampler`);
 - cached (stage 1 only): as sparse, the frozen vision tower answered from a filled
   `finetune.vision_cache.VisionFeatureCache`: the steady state of every epoch after the first;
-- compiled (`--compile`): as sparse, the model under torch.compile.
+- compiled (`--compile`): as sparse, the model under torch.compile;
+- packed-flex (CUDA only): as packed, under flex attention whatever `--attn` says.
+How much each forward pass holds and whether activations are recomputed are set apart for the baseline
+and medllava's paths, as a user of each would set them: the baseline runs `--batch` examples per forward
+pass, with activation checkpointing when `--baseline-checkpointing` (or `--gradient-checkpointing`) is
+given; medllava's paths run `--micro-batch` examples per pass and accumulate gradients up to the same
+`--batch` per optimizer step, recomputing activations only with `--gradient-checkpointing` (its stage
+configs leave checkpointing off where the micro-batch fits without it). A path that runs out of GPU
+memory is retried at half its micro-batch; the micro-batch it ran at is in the table.
 Data loading is outside the timed region (examples are encoded once), so the figures are the model's.
 The optimizer is the one medllava's stages use: fused AdamW on CUDA (also transformers' default there
 with torch >= 2.8), the plain loop elsewhere. A path that runs out of GPU memory is reported as such and
@@ -49,6 +57,7 @@ import gc
 import importlib.util
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -87,6 +96,7 @@ PATHS = {
     "grouped": dict(pack=False, sparse_logits=True, grouped=True),
     "cached": dict(pack=False, sparse_logits=True, cached=True),
     "compiled": dict(pack=False, sparse_logits=True, compiled=True),
+    "packed-flex": dict(pack=True, sparse_logits=True, attn="flex_attention"),
 }
 
 
@@ -113,9 +123,11 @@ def lora_settings(config_name: str):
     return load_config(AdaptConfig, CONFIGS / config_name).instruct.lora
 
 
-def load_model(args, attn: str = "sdpa"):
+def load_model(args, attn: str = "sdpa", checkpointing: bool = False, plain: bool = False):
     """`(model, processor, tokenizer description)` for `--model`, trainable as `--stage` trains it,
-    with attention kernel `attn` (transformers' attn_implementation)."""
+    with attention kernel `attn` (transformers' attn_implementation); `checkpointing` tells the QLoRA
+    preparation whether activations will be recomputed. `plain` adapters are PEFT's defaults (the
+    baseline); otherwise as medllava's stages set them up."""
     spec = STAGES[args.stage]
     dtype = getattr(torch, args.dtype)
     if args.model == "llava-7b":
@@ -143,11 +155,12 @@ def load_model(args, attn: str = "sdpa"):
 
         # The plain QLoRA recipe: freeze everything and upcast the rest to float32; the adapters and the
         # projector are made trainable by PEFT below.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
     else:
         set_trainable(model, spec["trains"])
     if "lora" in spec:
-        model = apply_lora(model, lora_settings(spec["lora"]), TRAINABLE["instruct"])
+        autocast = not plain and args.dtype == "bfloat16"  # the runs' Trainer autocasts to bf16, as a stage does
+        model = apply_lora(model, lora_settings(spec["lora"]), TRAINABLE["instruct"], autocast=autocast)
     return model, processor, tokenizer
 
 
@@ -175,8 +188,10 @@ def encode_examples(records, processor, template, n_image_tokens, image_token_in
     return examples, too_long
 
 
-def run(model, examples, collator, args, loss_func, lengths=None, cache=None, compiled=False):
-    """Train `args.steps` steps; returns (seconds per step after warm-up, peak GPU bytes, padding fraction)."""
+def run(model, examples, collator, args, loss_func, lengths=None, cache=None, compiled=False, micro=None,
+        checkpointing=False):
+    """Train `args.steps` optimizer steps of `args.batch` examples, `micro` per forward pass (default all of
+    them); returns (seconds per step after warm-up, peak GPU bytes, padding fraction)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
@@ -184,11 +199,19 @@ def run(model, examples, collator, args, loss_func, lengths=None, cache=None, co
 
     marks, tokens = [], {"pad": 0, "all": 0}
 
+    profiler = GpuProfile() if args.profile else None
+
     class Clock(TrainerCallback):
         def on_step_end(self, a, state, control, **kw):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             marks.append(time.perf_counter())
+            if profiler is not None and len(marks) == 2:
+                profiler.start()  # the timed steps only
+
+        def on_train_end(self, a, state, control, **kw):
+            if profiler is not None:
+                profiler.stop()
 
     class Bench(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -202,6 +225,10 @@ def run(model, examples, collator, args, loss_func, lengths=None, cache=None, co
                 return super()._get_train_sampler(train_dataset)
             return length_grouped_sampler(lengths, self.args.per_device_train_batch_size, seed=0)
 
+    micro = micro or args.batch
+    if args.batch % micro:
+        raise ValueError(f"--batch {args.batch} is not a multiple of the micro-batch {micro}")
+
     def counting(features):
         batch = collator(features)
         mask = batch.get("attention_mask")
@@ -212,9 +239,10 @@ def run(model, examples, collator, args, loss_func, lengths=None, cache=None, co
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     targs = TrainingArguments(
-        output_dir="/tmp/medllava-bench", per_device_train_batch_size=args.batch, max_steps=args.steps,
+        output_dir="/tmp/medllava-bench", per_device_train_batch_size=micro,
+        gradient_accumulation_steps=args.batch // micro, max_steps=args.steps,
         learning_rate=1e-5, report_to=[], save_strategy="no", logging_strategy="no", remove_unused_columns=False,
-        bf16=args.dtype == "bfloat16", **checkpointing_arguments(args.gradient_checkpointing),
+        bf16=args.dtype == "bfloat16", **checkpointing_arguments(checkpointing),
         dataloader_num_workers=0, use_cpu=args.device == "cpu", disable_tqdm=True,
         optim=optimizer_name(args.device == "cuda"), torch_compile=compiled,
     )
@@ -224,7 +252,52 @@ def run(model, examples, collator, args, loss_func, lengths=None, cache=None, co
     trainer.train()
     per_step = (marks[-1] - marks[1]) / (len(marks) - 2)  # steps 1 and 2 pay for allocation and kernel choice
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    if profiler is not None:
+        args.profiled = profiler.summary()
     return per_step, peak, tokens["pad"] / max(1, tokens["all"])
+
+
+class GpuProfile:
+    """torch.profiler over the timed steps: how much of the wall time the GPU was running kernels, and
+    which kernels took it (`--profile`)."""
+
+    def __init__(self):
+        self.prof = None
+
+    def start(self):
+        from torch.profiler import ProfilerActivity, profile
+
+        self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        self.prof.__enter__()
+        self.wall = time.perf_counter()
+
+    def stop(self):
+        if self.prof is not None and self.wall is not None:
+            self.prof.__exit__(None, None, None)
+            self.wall, self.seconds = None, time.perf_counter() - self.wall
+
+    def summary(self, top: int = 8) -> dict | None:
+        if self.prof is None:
+            return None
+        from torch.autograd import DeviceType
+
+        spans, by_name = [], {}
+        for evt in self.prof.events():
+            if evt.device_type == DeviceType.CUDA and evt.time_range.elapsed_us() > 0:
+                spans.append((evt.time_range.start, evt.time_range.end))
+                by_name[evt.name] = by_name.get(evt.name, 0) + evt.time_range.elapsed_us()
+        busy, end = 0, None
+        for start, stop in sorted(spans):  # union of kernel intervals: overlapping streams count once
+            if end is None or start > end:
+                busy += stop - start
+                end = stop
+            elif stop > end:
+                busy += stop - end
+                end = stop
+        total = sum(by_name.values()) or 1
+        kernels = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
+        return {"gpu_busy_%": 100 * busy / 1e6 / self.seconds, "profiled_s": self.seconds,
+                "top_kernels": [{"name": k[:90], "%": 100 * v / total} for k, v in kernels]}
 
 
 def fill_cache(model, examples, batch):
@@ -250,11 +323,13 @@ def parameter_counts(config) -> tuple[int, int]:
     return n_llm, sum(p.numel() for p in shape.vision_tower.parameters())
 
 
-def measure(options, args, source: TextSource, describe_text: bool = False, attn: str = "sdpa"):
-    """Build a fresh model, train one path, return its row of the table, and with `describe_text` what the
-    text it trained on was (encoding every real record whole once, for their lengths)."""
+def measure(options, args, source: TextSource, describe_text: bool = False, attn: str = "sdpa", micro=None,
+            checkpointing: bool = False):
+    """Build a fresh model, train one path (`micro` examples per forward pass, activations recomputed with
+    `checkpointing`), return its row of the table, and with `describe_text` what the text it trained on was
+    (encoding every real record whole once, for their lengths)."""
     torch.manual_seed(0)
-    model, processor, tokenizer = load_model(args, attn)
+    model, processor, tokenizer = load_model(args, attn, checkpointing, plain=not options["sparse_logits"])
     base = model.base_model.model if "lora" in STAGES[args.stage] else model
     n_img = num_image_tokens(processor)
     template = STAGES[args.stage]["template"]
@@ -269,7 +344,7 @@ def measure(options, args, source: TextSource, describe_text: bool = False, attn
     per_step, peak, pad = run(
         model, examples, collator, args, supervised_loss if options["sparse_logits"] else None,
         lengths=[len(e["input_ids"]) for e in examples] if options.get("grouped") else None,
-        cache=cache, compiled=options.get("compiled", False),
+        cache=cache, compiled=options.get("compiled", False), micro=micro, checkpointing=checkpointing,
     )
     if cache is not None and cache.computed != len(examples):
         raise RuntimeError(f"cached path ran the vision tower on {cache.computed - len(examples)} images while timed")
@@ -283,7 +358,11 @@ def measure(options, args, source: TextSource, describe_text: bool = False, attn
         "TFLOP/s": flops * args.batch / per_step / 1e12,
         "pad %": 100 * pad,
         "peak GiB": peak / 2**30 if peak is not None else None,
+        "micro-batch": micro or args.batch, "checkpointing": checkpointing,
     }
+    if getattr(args, "profiled", None):
+        row["profile"] = args.profiled
+        args.profiled = None
     if not describe_text:
         return row, None
     whole = encode_examples(source.records, processor, template, n_img, base.config.image_token_index, None, None)[0]
@@ -296,20 +375,44 @@ def measure(options, args, source: TextSource, describe_text: bool = False, attn
 
 
 def measure_all(paths: list[str], args, source: TextSource) -> tuple[dict, dict | None]:
-    """Each path's row; a path that runs out of GPU memory gets an `error` row and the rest still run."""
+    """Each path's row. The baseline runs `--batch` per forward pass; medllava's paths `--micro-batch`,
+    halved after running out of GPU memory while it is above 1. A path that still runs out, or fails
+    otherwise, gets an `error` row (the traceback goes to stderr) and the rest still run."""
     results, text = {}, None
     for name in paths:
-        try:
-            # The baseline is the plain way, sdpa; --attn picks the kernel of medllava's paths.
-            attn = "sdpa" if name == "baseline" else args.attn
-            results[name], described = measure(PATHS[name], args, source, describe_text=text is None, attn=attn)
-            results[name]["attn"] = attn
-            text = text or described
-        except torch.OutOfMemoryError:
-            results[name] = {"error": f"out of GPU memory at batch {args.batch}"}
-        gc.collect()  # the failed or finished path's model goes before the next one is built
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        plain = name == "baseline"
+        # The baseline is the plain way, sdpa; --attn (or the path itself) picks the kernel of medllava's paths.
+        attn = "sdpa" if plain else PATHS[name].get("attn", args.attn)
+        micro = args.batch if plain else (args.micro_batch or args.batch)
+        checkpointing = args.gradient_checkpointing or (plain and args.baseline_checkpointing)
+        while name not in results:
+            try:
+                results[name], described = measure(PATHS[name], args, source, describe_text=text is None, attn=attn,
+                                                   micro=micro, checkpointing=checkpointing)
+                results[name]["attn"] = attn
+                text = text or described
+                r = results[name]
+                # One line as each path ends: a run stopped part-way keeps the paths it finished.
+                print(f"{name}: {r['samples/s']:.2f} samples/s, {r['TFLOP/s']:.1f} TFLOP/s, peak "
+                      f"{r['peak GiB'] if r['peak GiB'] is None else round(r['peak GiB'], 2)} GiB, micro-batch {micro}",
+                      file=sys.stderr, flush=True)
+                if "profile" in r:
+                    prof = r["profile"]
+                    print(f"{name} profile: GPU busy {prof['gpu_busy_%']:.1f}% of {prof['profiled_s']:.1f} s; "
+                          + "; ".join(f"{k['%']:.1f}% {k['name']}" for k in prof["top_kernels"]), flush=True)
+            except torch.OutOfMemoryError:
+                if plain or micro == 1:
+                    results[name] = {"error": f"out of GPU memory at {micro} examples per forward pass"}
+                else:
+                    print(f"{name}: out of GPU memory at micro-batch {micro}; trying {micro // 2}", file=sys.stderr)
+                    micro //= 2
+            except Exception as e:  # one path's failure (a kernel this GPU lacks, say) must not lose the others
+                traceback.print_exc()
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                results[name] = {"error": f"failed: {type(e).__name__}: {first}"[:200]}
+            gc.collect()  # the failed or finished path's model goes before the next one is built
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     return results, text
 
 
@@ -320,10 +423,9 @@ def report(args, paths: list[str], results: dict, text: dict | None) -> dict:
     lora = lora_settings(spec["lora"]) if "lora" in spec else None
     settings = (f"; LoRA r={lora.r} alpha={lora.alpha} on {','.join(lora.target_modules)} + projector in full"
                 f" ({spec['lora']}{', language model in 4-bit NF4' if spec.get('quantize') else ''})" if lora else "")
-    print(f"stage {args.stage}, model {args.model}, device {device}, dtype {args.dtype}, batch {args.batch}, "
-          f"{args.steps} steps (timed after 2), {'fused' if args.device == 'cuda' else 'plain'} AdamW, gradient "
-          f"checkpointing {'on' if args.gradient_checkpointing else 'off'}, attention: baseline sdpa, the other paths"
-          f" {args.attn}{settings}")
+    print(f"stage {args.stage}, model {args.model}, device {device}, dtype {args.dtype}, {args.batch} examples per"
+          f" optimizer step, {args.steps} steps (timed after 2), {'fused' if args.device == 'cuda' else 'plain'} AdamW;"
+          f" attention: baseline sdpa, the other paths {args.attn} unless named{settings}")
     if text is not None:
         print(f"text: {text['source']}; {text['template']} template, {text['tokenizer']}; text tokens per example"
               f" min/median/max {describe(text['text_tokens_per_example'])} (the real records whole:"
@@ -335,13 +437,16 @@ def report(args, paths: list[str], results: dict, text: dict | None) -> dict:
                   " padding, + 2 x the vision tower's parameters per patch token (counted on every path, cached"
                   " or not)")
     print(convention)
-    print(f"{'path':<10}{'samples/s':>12}{'tokens/s':>12}{'TFLOP/s':>10}{'pad %':>8}{'peak GiB':>10}")
+    print("micro: examples per forward pass (gradients accumulated up to the batch); ckpt: activations recomputed")
+    print(f"{'path':<12}{'samples/s':>11}{'tokens/s':>10}{'TFLOP/s':>9}{'pad %':>7}{'peak GiB':>10}{'micro':>7}"
+          f"{'ckpt':>6}  attention")
     for name, r in results.items():
         if "error" in r:
-            print(f"{name:<10}  {r['error']}")
+            print(f"{name:<12}  {r['error']}")
             continue
         peak = f"{r['peak GiB']:>10.2f}" if r["peak GiB"] is not None else f"{'-':>10}"
-        print(f"{name:<10}{r['samples/s']:>12.2f}{r['tokens/s']:>12.0f}{r['TFLOP/s']:>10.3f}{r['pad %']:>8.1f}{peak}")
+        print(f"{name:<12}{r['samples/s']:>11.2f}{r['tokens/s']:>10.0f}{r['TFLOP/s']:>9.3f}{r['pad %']:>7.1f}{peak}"
+              f"{r['micro-batch']:>7}{'on' if r['checkpointing'] else 'off':>6}  {r['attn']}")
     ratios = {}
     if "samples/s" in results.get("baseline", {}):
         for name in paths[1:]:
@@ -350,7 +455,8 @@ def report(args, paths: list[str], results: dict, text: dict | None) -> dict:
                 print(f"{name} / baseline samples/s: {ratios[name]:.2f}x")
     return {
         "stage": args.stage, "model": args.model, "device": device, "dtype": args.dtype, "batch": args.batch,
-        "steps": args.steps, "gradient_checkpointing": args.gradient_checkpointing,
+        "steps": args.steps, "micro_batch": args.micro_batch or args.batch,
+        "gradient_checkpointing": args.gradient_checkpointing, "baseline_checkpointing": args.baseline_checkpointing,
         "lora": None if lora is None else {"config": spec["lora"], "r": lora.r, "alpha": lora.alpha,
                                            "target_modules": list(lora.target_modules),
                                            "quantize_4bit": bool(spec.get("quantize"))},
@@ -371,7 +477,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn", default="sdpa", choices=("sdpa", "flex_attention", "flash_attention_2", "eager"),
                    help="attention kernel of every path but the baseline (sdpa, the plain way); packed rows keep"
                         " attention inside each example under each of them")
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--micro-batch", type=int, help="examples per forward pass on medllava's paths, gradients"
+                                                    " accumulated up to --batch (default --batch); halved on"
+                                                    " running out of GPU memory")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations on every path")
+    p.add_argument("--baseline-checkpointing", action="store_true",
+                   help="recompute activations on the baseline (the plain way of fitting --batch in one pass)")
+    p.add_argument("--profile", action="store_true",
+                   help="profile the timed steps (torch.profiler): GPU busy share and the kernels that take the time")
     p.add_argument("--compile", action="store_true", help="also measure the sparse path under torch.compile")
     p.add_argument("--lengths-from", type=Path, help="draw the examples' text from this conversation file")
     p.add_argument("--max-length", type=int, default=2048,
@@ -383,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def stage_paths(args, parser) -> list[str]:
     available = [name for name in PATHS if (name != "cached" or args.stage == "align")
-                 and (name != "compiled" or args.compile)]
+                 and (name != "compiled" or args.compile) and (name != "packed-flex" or args.device == "cuda")]
     if not args.paths:
         return available
     asked = [name.strip() for name in args.paths.split(",") if name.strip()]
@@ -399,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     paths = stage_paths(args, parser)
     if args.steps < 3:
         parser.error(f"--steps {args.steps}: at least 3 (2 untimed warm-up steps, then the timed ones)")
+    if args.micro_batch is not None and (args.micro_batch < 1 or args.batch % args.micro_batch):
+        parser.error(f"--micro-batch {args.micro_batch}: must divide --batch {args.batch}")
     if args.attn == "flex_attention" and args.device == "cpu":
         parser.error("--attn flex_attention: torch's flex attention has no backward pass on a CPU; use --device cuda")
     if STAGES[args.stage].get("quantize") and (refusal := qlora_refusal(args)):

@@ -3,22 +3,23 @@
 #
 #   bash benchmarks/gpu_all.sh [--out DIR] [--dry-run] [STEP ...]
 #
-# STEPs, in order (default: all of them, about 20 minutes on one H100). Estimates from measured H100 rates
+# STEPs, in order (default: all of them, about 17 minutes on one H100). Estimates from measured H100 rates
 # (stage 1 baseline 10.5 samples/s at batch 32, stage 2 LoRA 3.1 samples/s at batch 16, eval 3.1 questions/s
-# batched), the baseline being the slowest path, plus ~15 s to build each path's model:
-#   align  stage 1, llava-7b shape: baseline, sparse, grouped, cached, packed;
-#          8 steps x 32 / 10.5 = 24 s a path                                              (~3.5 min)
-#   lora   stage 2 with LoRA (llava_med_lora.yaml): baseline, sparse, grouped, packed;
-#          8 steps x 16 / 3.1 = 41 s a path                                               (~4 min)
-#   flex   stage 2 LoRA again with flex attention for medllava's paths (baseline: sdpa)    (~2 min)
-#   full   stage 2 in full, gradient checkpointing, batch 8: baseline, sparse, packed; reported as out of
-#          memory where it does not fit                                                  (~2 min)
-#   qlora  stage 2 QLoRA (llava_med_qlora.yaml: batch 8, gradient checkpointing) on a random 7B checkpoint
-#          loaded in 4-bit for each of baseline, sparse, grouped, packed                  (~5 min, + ~2 min
+# batched), the baseline being the slowest path, plus ~15 s to build each path's model. The baseline is the
+# plain way at the issue's settings (one forward pass per batch, activation checkpointing to fit it);
+# medllava's paths run the micro-batch of its stage configs without checkpointing, accumulating to the batch:
+#   align  stage 1, llava-7b shape, batch 32 (medllava: 2 x 16): baseline, sparse, grouped, cached, packed;
+#          6 steps x 32 / 10.5 = 18 s a path                                             (~3 min)
+#   lora   stage 2 with LoRA (llava_med_lora.yaml), batch 16 (medllava: 4 x 4): baseline, sparse, grouped,
+#          packed, packed-flex (flex attention); 6 steps x 16 / 3.1 = 31 s a path      (~4 min)
+#   qlora  stage 2 QLoRA (llava_med_qlora.yaml: batch 8, activation checkpointing on every path) on a random
+#          7B checkpoint loaded in 4-bit for each of baseline, sparse, grouped          (~3 min, + ~2 min
 #          to write the checkpoint once)
-#   eval   batched generation on 451 questions (451 / 3.1 = 145 s) against one question at a time, timed
-#          on the first 48, random 7B checkpoint                                          (~4 min)
-# Where one command may run 10 minutes at most, run it in calls: `align lora`, `flex full`, `qlora`, `eval`.
+#   eval   batched generation (batches of 64, 32 new tokens) on 451 questions against one question at a time,
+#          timed on the first 32, random 7B checkpoint                                  (~3 min)
+# Full stage 2 of a 7B model does not fit one 80 GB card (bf16 weights and gradients and AdamW's float32
+# states alone take ~84 GB): benchmarks/zero3_memory.py gives its per-GPU memory under ZeRO-3.
+# Where one command may run 10 minutes at most, run it in two calls: `align lora`, then `qlora eval`.
 #
 # Tables go to --out DIR, else $OUT, else runs/bench-gpu (relative paths are from the repository root):
 # STEP.txt (what was printed), STEP.json (the figures and their settings), STEP.log (warnings), summary.txt
@@ -38,13 +39,13 @@ while [[ $# -gt 0 ]]; do
     case "$1" in
         --out) OUT_DIR="${2:?gpu_all.sh: --out needs a folder}"; shift 2 ;;
         --dry-run) DRY_RUN=1; shift ;;
-        align|lora|flex|full|qlora|eval) STEPS+=("$1"); shift ;;
-        *) echo "gpu_all.sh: unknown argument '$1' (steps: align lora flex full qlora eval;" \
+        align|lora|qlora|eval) STEPS+=("$1"); shift ;;
+        *) echo "gpu_all.sh: unknown argument '$1' (steps: align lora qlora eval;" \
                 "options: --out DIR, --dry-run)" >&2
            exit 2 ;;
     esac
 done
-[[ ${#STEPS[@]} -eq 0 ]] && STEPS=(align lora flex full qlora eval)
+[[ ${#STEPS[@]} -eq 0 ]] && STEPS=(align lora qlora eval)
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 CHECKPOINT="${CHECKPOINT:-runs/bench-7b-random}"
 TRAIN=("$PY" benchmarks/bench_train.py --model llava-7b --device cuda --dtype bfloat16)
@@ -71,7 +72,7 @@ install_wheels() {
     local wheel
     for wheel in .wheels/*.whl; do
         [[ -e $wheel ]] || continue  # the glob matched nothing: no wheels carried
-        run_step "install-$(basename "$wheel" .whl)" 300 "$PY" -m pip install --no-index --find-links .wheels "$wheel"
+        run_step "install-$(basename "$wheel" .whl)" 300 "$PY" -m pip install --no-index --no-deps "$wheel"
     done
 }
 
@@ -100,21 +101,18 @@ install_wheels
 record_environment
 for step in "${STEPS[@]}"; do
     case "$step" in
-        align) run_step align 420 "${TRAIN[@]}" --stage align --batch 32 --steps 8 \
-                   --paths baseline,sparse,grouped,cached,packed --json "$OUT_DIR/align.json" ;;
-        lora) run_step lora 420 "${TRAIN[@]}" --stage instruct-lora --batch 16 --steps 8 \
-                  --paths baseline,sparse,grouped,packed --json "$OUT_DIR/lora.json" ;;
-        flex) run_step flex 300 "${TRAIN[@]}" --stage instruct-lora --batch 16 --steps 8 --attn flex_attention \
-                  --paths baseline,sparse,packed --json "$OUT_DIR/flex.json" ;;
-        full) run_step full 300 "${TRAIN[@]}" --stage instruct-full --batch 8 --steps 6 --gradient-checkpointing \
-                  --paths baseline,sparse,packed --json "$OUT_DIR/full.json" ;;
+        align) run_step align 280 "${TRAIN[@]}" --stage align --batch 32 --micro-batch 16 --steps 6 \
+                   --baseline-checkpointing --paths baseline,sparse,grouped,cached,packed --json "$OUT_DIR/align.json" ;;
+        lora) run_step lora 300 "${TRAIN[@]}" --stage instruct-lora --batch 16 --micro-batch 4 --steps 6 \
+                  --baseline-checkpointing --paths baseline,sparse,grouped,packed,packed-flex \
+                  --json "$OUT_DIR/lora.json" ;;
         qlora) ensure_checkpoint
-               run_step qlora 480 "$PY" benchmarks/bench_train.py --model "$CHECKPOINT" --device cuda --dtype bfloat16 \
+               run_step qlora 280 "$PY" benchmarks/bench_train.py --model "$CHECKPOINT" --device cuda --dtype bfloat16 \
                    --stage instruct-qlora --batch 8 --steps 6 --gradient-checkpointing \
-                   --paths baseline,sparse,grouped,packed --json "$OUT_DIR/qlora.json" ;;
+                   --paths baseline,sparse,grouped --json "$OUT_DIR/qlora.json" ;;
         eval) ensure_checkpoint
-              run_step eval 480 "$PY" benchmarks/bench_eval.py --model "$CHECKPOINT" --device cuda --dtype bfloat16 \
-                  --questions 451 --batch-size 32 --single-questions 48 --json "$OUT_DIR/eval.json" ;;
+              run_step eval 240 "$PY" benchmarks/bench_eval.py --model "$CHECKPOINT" --device cuda --dtype bfloat16 \
+                  --questions 451 --batch-size 64 --max-new-tokens 32 --single-questions 32 --json "$OUT_DIR/eval.json" ;;
     esac
 done
 [[ $DRY_RUN == 1 ]] || { echo "== summary ($OUT_DIR)"; cat "$OUT_DIR/summary.txt"; }

@@ -126,22 +126,25 @@ def test_gpu_all_dry_run_commands_parse(bench_train, tmp_path):
     for line in done.stdout.splitlines():
         name, _, command = line.partition(": ")
         words = shlex.split(command)
-        if words[:1] != ["timeout"]:
+        if words[:1] != ["timeout"] or name.startswith("install-"):  # wheels carried in .wheels/, if any
             continue
         assert int(words[1]) <= 600  # no step may outlast one 10-minute command
         script = Path(words[3]).name
         steps[name] = (script, words[4:])
-    assert list(steps) == ["align", "lora", "flex", "full", "write-random-7b", "qlora", "eval"]
-    expected_stages = {"align": "align", "lora": "instruct-lora", "flex": "instruct-lora", "full": "instruct-full",
-                       "qlora": "instruct-qlora"}
+    assert list(steps) == ["align", "lora", "write-random-7b", "qlora", "eval"]
+    expected_stages = {"align": "align", "lora": "instruct-lora", "qlora": "instruct-qlora"}
     for name, stage in expected_stages.items():
         script, argv = steps[name]
         parser = bench_train.build_parser()
         args = parser.parse_args(argv)
         assert script == "bench_train.py" and args.stage == stage and args.device == "cuda"
-        assert bench_train.stage_paths(args, parser)[0] == "baseline"
+        paths = bench_train.stage_paths(args, parser)
+        assert paths[0] == "baseline" and args.attn == "sdpa"
         assert args.json == out / f"{name}.json"
-        assert args.attn == ("flex_attention" if name == "flex" else "sdpa")
+        # The baseline fits its batch the plain way (checkpointing); medllava's paths accumulate micro-batches.
+        assert args.baseline_checkpointing or args.gradient_checkpointing
+        assert args.batch % (args.micro_batch or args.batch) == 0
+    assert "packed-flex" in steps["lora"][1][steps["lora"][1].index("--paths") + 1]
     eval_args = bench_eval.build_parser().parse_args(steps["eval"][1])
     assert eval_args.questions == 451 and eval_args.json == out / "eval.json"
     assert bench_eval.build_parser().parse_args(steps["write-random-7b"][1]).write_random_7b is not None
@@ -152,11 +155,16 @@ def test_gpu_all_dry_run_commands_parse(bench_train, tmp_path):
 
 
 def test_a_path_out_of_gpu_memory_is_reported_and_the_others_still_run(bench_train, tmp_path, capsys, monkeypatch):
-    def fake_measure(options, args, source, describe_text=False, attn="sdpa"):
+    tried = []
+
+    def fake_measure(options, args, source, describe_text=False, attn="sdpa", micro=None, checkpointing=False):
+        tried.append((options["pack"], options["sparse_logits"], micro))
         if options["pack"]:
             raise torch.OutOfMemoryError("CUDA out of memory")
+        if not options["sparse_logits"] and not checkpointing:
+            raise AssertionError("the baseline was asked for without its checkpointing")
         row = {"samples/s": 4.0 if options["sparse_logits"] else 2.0, "tokens/s": 1.0, "TFLOP/s": 1.0,
-               "pad %": 0.0, "peak GiB": None}
+               "pad %": 0.0, "peak GiB": None, "micro-batch": micro, "checkpointing": checkpointing}
         return row, ({"source": "s", "template": "t", "tokenizer": "k", "image_tokens": 1, "examples_too_long": 0,
                       "text_tokens_per_example": {"min": 1, "median": 2, "max": 3, "n": 3},
                       "text_tokens_of_real_records": {"min": 1, "median": 2, "max": 3, "n": 3}}
@@ -164,13 +172,39 @@ def test_a_path_out_of_gpu_memory_is_reported_and_the_others_still_run(bench_tra
 
     monkeypatch.setattr(bench_train, "measure", fake_measure)
     out = tmp_path / "full.json"
-    argv = ["--stage", "instruct-full", "--steps", "3", "--batch", "4", "--paths", "baseline,packed,sparse",
-            "--json", str(out)]
+    argv = ["--stage", "instruct-full", "--steps", "3", "--batch", "4", "--micro-batch", "2", "--paths",
+            "baseline,packed,sparse", "--baseline-checkpointing", "--json", str(out)]
     assert bench_train.main(argv) == 0
     table = json.loads(out.read_text())
-    assert table["paths"]["packed"] == {"error": "out of GPU memory at batch 4"}
+    # The packed path is retried at half its micro-batch until one example per pass also runs out.
+    assert tried == [(False, False, 4), (True, True, 2), (True, True, 1), (False, True, 2)]
+    assert table["paths"]["packed"] == {"error": "out of GPU memory at 1 examples per forward pass"}
+    assert table["paths"]["sparse"]["micro-batch"] == 2 and table["paths"]["baseline"]["checkpointing"]
     assert table["vs_baseline"] == {"sparse": 2.0}
-    assert "packed      out of GPU memory at batch 4" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "packed        out of GPU memory at 1 examples per forward pass" in printed.out
+    assert "trying 1" in printed.err
+
+
+def test_a_path_that_fails_otherwise_is_reported_and_the_others_still_run(bench_train, tmp_path, capsys,
+                                                                          monkeypatch):
+    real_measure = bench_train.measure
+
+    def measure(options, args, source, **kw):
+        if kw["attn"] == "flex_attention":
+            raise RuntimeError("no flex kernel here\nsecond line")
+        return real_measure(options, args, source, **kw)
+
+    monkeypatch.setattr(bench_train, "measure", measure)
+    monkeypatch.setitem(bench_train.PATHS, "sparse", dict(pack=False, sparse_logits=True, attn="flex_attention"))
+    out = tmp_path / "align.json"
+    argv = ["--stage", "align", "--model", "tiny", "--device", "cpu", "--dtype", "float32", "--steps", "3",
+            "--batch", "2", "--paths", "baseline,sparse,grouped", "--json", str(out)]
+    assert bench_train.main(argv) == 0
+    table = json.loads(out.read_text())
+    assert table["paths"]["sparse"] == {"error": "failed: RuntimeError: no flex kernel here"}
+    assert table["paths"]["grouped"]["samples/s"] > 0 and "grouped" in table["vs_baseline"]
+    assert "RuntimeError: no flex kernel here" in capsys.readouterr().err
 
 
 def test_the_7b_shape_expects_the_image_token_its_processor_writes(bench_train):
