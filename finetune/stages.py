@@ -90,6 +90,8 @@ def run_stage(
         set_trainable(model, modules)
     if stage.lora.enabled:
         model = apply_lora(model, stage.lora, modules, autocast=args.bf16 or args.fp16)
+    if stage.compile_layers:
+        compile_decoder_layers(model)
     dataset, data_report = prepare_dataset(stage, processor, out_dir)
     if len(dataset) == 0:
         raise ValueError(f"stage {name}: no usable examples in {stage.data.path}\n{data_report['summary']}")
@@ -154,6 +156,9 @@ def run_stage(
 
 def check_speed_options(name: str, stage: StageConfig, modules: tuple[str, ...], run: RunSettings) -> None:
     """Refuse speed options that cannot work with the rest of the stage's config."""
+    if stage.compile_layers and stage.torch_compile:
+        raise ValueError(f"stage {name}: compile_layers compiles each decoder layer and torch_compile the whole model;"
+                         " turn one of them off")
     if stage.group_by_length and stage.packing:
         raise ValueError(f"stage {name}: group_by_length shortens padding, and packed rows have none;"
                          " turn one of group_by_length and packing off")
@@ -196,6 +201,16 @@ def _barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def compile_decoder_layers(model) -> int:
+    """Compile every decoder layer of the language model in place (`nn.Module.compile`, dynamic shapes);
+    returns how many. The layers share their code, so one compilation serves all of them."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = base.model.language_model.layers
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
 
 
 def apply_lora(model, lora: LoraConfig, modules: tuple[str, ...], autocast: bool = False):
