@@ -21,7 +21,10 @@ checkpoint folder to load in 4-bit). Every path trains the same model from the s
 - cached (stage 1 only): as sparse, the frozen vision tower answered from a filled
   `finetune.vision_cache.VisionFeatureCache`: the steady state of every epoch after the first;
 - compiled (`--compile`): as sparse, the model under torch.compile;
-- packed-flex (CUDA only): as packed, under flex attention whatever `--attn` says.
+- packed-flex (CUDA only): as packed, under flex attention whatever `--attn` says;
+- packed-flex-compiled (CUDA only, `--compile`): as packed-flex, each decoder layer of the language model
+  compiled on its own (the stages' `compile_layers`: dynamic shapes, one compiled layer serves all 32),
+  which fuses the small element-wise kernels a host-bound step launches.
 How much each forward pass holds and whether activations are recomputed are set apart for the baseline
 and medllava's paths, as a user of each would set them: the baseline runs `--batch` examples per forward
 pass, with activation checkpointing when `--baseline-checkpointing` (or `--gradient-checkpointing`) is
@@ -67,7 +70,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.real_text import TextSource, describe, source_for, spread  # noqa: E402
 from benchmarks.shapes import meta_model, random_7b_processor  # noqa: E402
-from finetune.stages import apply_lora  # noqa: E402
+from finetune.stages import apply_lora, compile_decoder_layers  # noqa: E402
 from finetune.trainer import checkpointing_arguments  # noqa: E402
 from medllava.data import Collator, supervised_loss  # noqa: E402
 from medllava.io import atomic_write_json  # noqa: E402
@@ -97,6 +100,7 @@ PATHS = {
     "cached": dict(pack=False, sparse_logits=True, cached=True),
     "compiled": dict(pack=False, sparse_logits=True, compiled=True),
     "packed-flex": dict(pack=True, sparse_logits=True, attn="flex_attention"),
+    "packed-flex-compiled": dict(pack=True, sparse_logits=True, attn="flex_attention", regional_compile=True),
 }
 
 
@@ -338,6 +342,8 @@ def measure(options, args, source: TextSource, describe_text: bool = False, attn
         base.config.vision_config.image_size, args.max_length)
     if not examples:
         raise SystemExit(f"bench_train: --max-length {args.max_length} cuts the image or first reply of every example")
+    if options.get("regional_compile"):
+        compile_decoder_layers(model)  # as a stage with compile_layers does
     cache = fill_cache(base, examples, args.batch) if options.get("cached") else None
     collator = Collator(processor.tokenizer.pad_token_id, pack=options["pack"], sparse_logits=options["sparse_logits"],
                         image_keys=cache is not None)
@@ -485,7 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute activations on the baseline (the plain way of fitting --batch in one pass)")
     p.add_argument("--profile", action="store_true",
                    help="profile the timed steps (torch.profiler): GPU busy share and the kernels that take the time")
-    p.add_argument("--compile", action="store_true", help="also measure the sparse path under torch.compile")
+    p.add_argument("--compile", action="store_true", help="also offer the compiled paths: compiled (the whole"
+                                                          " model, Trainer's torch_compile) and packed-flex-compiled")
     p.add_argument("--lengths-from", type=Path, help="draw the examples' text from this conversation file")
     p.add_argument("--max-length", type=int, default=2048,
                    help="cut longer examples to this many tokens as training does (left out where that would cut"
@@ -496,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def stage_paths(args, parser) -> list[str]:
     available = [name for name in PATHS if (name != "cached" or args.stage == "align")
-                 and (name != "compiled" or args.compile) and (name != "packed-flex" or args.device == "cuda")]
+                 and (name not in ("compiled", "packed-flex-compiled") or args.compile)
+                 and (not name.startswith("packed-flex") or args.device == "cuda")]
     if not args.paths:
         return available
     asked = [name.strip() for name in args.paths.split(",") if name.strip()]

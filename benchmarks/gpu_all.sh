@@ -8,10 +8,11 @@
 # batched), the baseline being the slowest path, plus ~15 s to build each path's model. The baseline is the
 # plain way at the settings (one forward pass per batch, activation checkpointing to fit it);
 # medllava's paths run the micro-batch of its stage configs without checkpointing, accumulating to the batch:
-#   align  stage 1, llava-7b shape, batch 32 (medllava: 2 x 16): baseline, sparse, grouped, cached, packed;
-#          6 steps x 32 / 10.5 = 18 s a path                                             (~3 min)
-#   lora   stage 2 with LoRA (llava_med_lora.yaml), batch 16 (medllava: 4 x 4): baseline, sparse, grouped,
-#          packed, packed-flex (flex attention); 6 steps x 16 / 3.1 = 31 s a path      (~4 min)
+#   align  stage 1, llava-7b shape, batch 32 (medllava: 4 x 8): baseline, sparse, cached, packed-flex
+#          (packed under flex attention), packed-flex-compiled (and each decoder layer compiled);
+#          6 steps x 32 / 10.5 = 18 s a path, + compilation                              (~4 min)
+#   lora   stage 2 with LoRA (llava_med_lora.yaml), batch 16 (medllava: 4 x 4): baseline, sparse,
+#          packed-flex, packed-flex-compiled; 6 steps x 16 / 3.1 = 31 s a path, + compilation (~4 min)
 #   qlora  stage 2 QLoRA (llava_med_qlora.yaml: batch 8, activation checkpointing on every path) on a random
 #          7B checkpoint loaded in 4-bit for each of baseline, sparse, grouped          (~3 min, + ~2 min
 #          to write the checkpoint once)
@@ -101,10 +102,11 @@ install_wheels
 record_environment
 for step in "${STEPS[@]}"; do
     case "$step" in
-        align) run_step align 280 "${TRAIN[@]}" --stage align --batch 32 --micro-batch 16 --steps 6 \
-                   --baseline-checkpointing --paths baseline,sparse,grouped,cached,packed --json "$OUT_DIR/align.json" ;;
-        lora) run_step lora 300 "${TRAIN[@]}" --stage instruct-lora --batch 16 --micro-batch 4 --steps 6 \
-                  --baseline-checkpointing --paths baseline,sparse,grouped,packed,packed-flex \
+        align) run_step align 300 "${TRAIN[@]}" --stage align --batch 32 --micro-batch 8 --steps 6 --compile \
+                   --baseline-checkpointing --paths baseline,sparse,cached,packed-flex,packed-flex-compiled \
+                   --json "$OUT_DIR/align.json" ;;
+        lora) run_step lora 300 "${TRAIN[@]}" --stage instruct-lora --batch 16 --micro-batch 4 --steps 6 --compile \
+                  --baseline-checkpointing --paths baseline,sparse,packed-flex,packed-flex-compiled \
                   --json "$OUT_DIR/lora.json" ;;
         qlora) ensure_checkpoint
                run_step qlora 280 "$PY" benchmarks/bench_train.py --model "$CHECKPOINT" --device cuda --dtype bfloat16 \
