@@ -34,8 +34,8 @@ configs leave checkpointing off where the micro-batch fits without it). A path t
 memory is retried at half its micro-batch; the micro-batch it ran at is in the table.
 Data loading is outside the timed region (examples are encoded once), so the figures are the model's.
 The optimizer is the one medllava's stages use: fused AdamW on CUDA (also transformers' default there
-with torch >= 2.8), the plain loop elsewhere. A path that runs out of GPU memory is reported as such and
-the others still run. `--json FILE` also writes the table and its settings.
+with torch >= 2.8), the plain loop elsewhere. A path that fails otherwise is reported as such and the
+others still run. `--json FILE` also writes the table and its settings.
 
 Text: real token lengths and turn structure (benchmarks/real_text.py): stage 1 the shipped real PMC figure
 captions, stage 2 the shipped teacher-written multi-turn conversations, both resampled with replacement;
@@ -195,7 +195,8 @@ def encode_examples(records, processor, template, n_image_tokens, image_token_in
 def run(model, examples, collator, args, loss_func, lengths=None, cache=None, compiled=False, micro=None,
         checkpointing=False):
     """Train `args.steps` optimizer steps of `args.batch` examples, `micro` per forward pass (default all of
-    them); returns (seconds per step after warm-up, peak GPU bytes, padding fraction)."""
+    them); returns (seconds per step after warm-up, peak GPU bytes, padding fraction, the `--profile`
+    summary or None)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
@@ -256,9 +257,8 @@ def run(model, examples, collator, args, loss_func, lengths=None, cache=None, co
     trainer.train()
     per_step = (marks[-1] - marks[1]) / (len(marks) - 2)  # steps 1 and 2 pay for allocation and kernel choice
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-    if profiler is not None:
-        args.profiled = profiler.summary()
-    return per_step, peak, tokens["pad"] / max(1, tokens["all"])
+    profile = profiler.summary() if profiler is not None else None
+    return per_step, peak, tokens["pad"] / max(1, tokens["all"]), profile
 
 
 class GpuProfile:
@@ -266,7 +266,7 @@ class GpuProfile:
     which kernels took it (`--profile`)."""
 
     def __init__(self):
-        self.prof = None
+        self.prof, self.wall = None, None  # wall: when the running profile started
 
     def start(self):
         from torch.profiler import ProfilerActivity, profile
@@ -328,12 +328,12 @@ def parameter_counts(config) -> tuple[int, int]:
 
 
 def measure(options, args, source: TextSource, describe_text: bool = False, attn: str = "sdpa", micro=None,
-            checkpointing: bool = False):
+            checkpointing: bool = False, plain: bool = False):
     """Build a fresh model, train one path (`micro` examples per forward pass, activations recomputed with
-    `checkpointing`), return its row of the table, and with `describe_text` what the text it trained on was
-    (encoding every real record whole once, for their lengths)."""
+    `checkpointing`, PEFT's own adapter setup when `plain`), return its row of the table, and with
+    `describe_text` what the text it trained on was (encoding every real record whole once, for their lengths)."""
     torch.manual_seed(0)
-    model, processor, tokenizer = load_model(args, attn, checkpointing, plain=not options["sparse_logits"])
+    model, processor, tokenizer = load_model(args, attn, checkpointing, plain=plain)
     base = model.base_model.model if "lora" in STAGES[args.stage] else model
     n_img = num_image_tokens(processor)
     template = STAGES[args.stage]["template"]
@@ -347,7 +347,7 @@ def measure(options, args, source: TextSource, describe_text: bool = False, attn
     cache = fill_cache(base, examples, args.batch) if options.get("cached") else None
     collator = Collator(processor.tokenizer.pad_token_id, pack=options["pack"], sparse_logits=options["sparse_logits"],
                         image_keys=cache is not None)
-    per_step, peak, pad = run(
+    per_step, peak, pad, profile = run(
         model, examples, collator, args, supervised_loss if options["sparse_logits"] else None,
         lengths=[len(e["input_ids"]) for e in examples] if options.get("grouped") else None,
         cache=cache, compiled=options.get("compiled", False), micro=micro, checkpointing=checkpointing,
@@ -366,9 +366,8 @@ def measure(options, args, source: TextSource, describe_text: bool = False, attn
         "peak GiB": peak / 2**30 if peak is not None else None,
         "micro-batch": micro or args.batch, "checkpointing": checkpointing,
     }
-    if getattr(args, "profiled", None):
-        row["profile"] = args.profiled
-        args.profiled = None
+    if profile is not None:
+        row["profile"] = profile
     if not describe_text:
         return row, None
     whole = encode_examples(source.records, processor, template, n_img, base.config.image_token_index, None, None)[0]
@@ -394,7 +393,7 @@ def measure_all(paths: list[str], args, source: TextSource) -> tuple[dict, dict 
         while name not in results:
             try:
                 results[name], described = measure(PATHS[name], args, source, describe_text=text is None, attn=attn,
-                                                   micro=micro, checkpointing=checkpointing)
+                                                   micro=micro, checkpointing=checkpointing, plain=plain)
                 results[name]["attn"] = attn
                 text = text or described
                 r = results[name]
