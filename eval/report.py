@@ -10,11 +10,10 @@ atomically.
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from medllava.io import atomic_open, atomic_write_text
+from medllava.io import atomic_write_text, save_png
 
 MAX_BAR_CATEGORIES = 15  # categories plotted per breakdown, commonest first
 
@@ -128,14 +127,6 @@ def render_markdown(results: dict, plots: dict[str, str] | None = None) -> str:
     return "\n".join(out)
 
 
-def _save(fig, path: Path) -> None:
-    with atomic_open(path, "wb") as f, warnings.catch_warnings():
-        # Labels in scripts the default font lacks (SLAKE's Chinese answers) draw as boxes;
-        # the Markdown tables carry the text, so one warning per glyph is only noise.
-        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
-
-
 def plot_breakdown(name: str, groups: dict, path: Path) -> None:
     """Grouped bars of the headline numbers per category."""
     import numpy as np
@@ -154,7 +145,7 @@ def plot_breakdown(name: str, groups: dict, path: Path) -> None:
     ax.set_ylim(0, 100)
     ax.set_title(f"by {name}")
     ax.legend(fontsize=7, ncols=2)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def plot_confusion(conf: dict, path: Path) -> None:
@@ -174,7 +165,7 @@ def plot_confusion(conf: dict, path: Path) -> None:
     for (i, j), count in np.ndenumerate(matrix):
         ax.text(j, i, str(count), ha="center", va="center", fontsize=8,
                 color="white" if count > threshold else "black")
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def write_report(results: dict, md_path: str | Path) -> list[Path]:

@@ -10,7 +10,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from medllava.io import atomic_open, atomic_write_text
+from medllava.io import atomic_write_text, save_png
 
 PIPELINE = """```
 PMC OA packages + DICOM figures
@@ -46,33 +46,26 @@ def _pct(metric: dict) -> str:
 
 
 def _plot_losses(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig = Figure(figsize=(6, 3.2))
+    ax = fig.add_subplot()
     for name, points in curves.items():
         if points:
             ax.plot([s for s, _ in points], [v for _, v in points], marker=".", label=name)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.legend()
-    fig.tight_layout()
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def _plot_scores(scores: dict[str, dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     names = list(scores)
     metrics = [("closed accuracy (strict)", "closed_accuracy"), ("open token F1 (strict)", "open_f1")]
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig = Figure(figsize=(6, 3.2))
+    ax = fig.add_subplot()
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         values = [100 * scores[name]["strict"][key]["value"] for _, key in metrics]
@@ -82,10 +75,7 @@ def _plot_scores(scores: dict[str, dict], path: Path) -> None:
     ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(metrics))], [m for m, _ in metrics])
     ax.set_ylabel("% (95% CI)")
     ax.legend()
-    fig.tight_layout()
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def write_report(work: Path, seconds: float) -> Path:

@@ -156,6 +156,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         f.write(text)
 
 
+def save_png(fig, path: str | os.PathLike) -> None:
+    """Write a matplotlib Figure to `path` as a PNG, atomically."""
+    import warnings
+
+    with atomic_open(path, "wb") as f, warnings.catch_warnings():
+        # Labels in scripts the default font lacks (SLAKE's Chinese answers) draw as boxes;
+        # the Markdown tables carry the text, so one warning per glyph is only noise.
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
     with atomic_open(path, "w") as f:
         json.dump(obj, f, indent=indent, ensure_ascii=False)
