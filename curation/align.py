@@ -15,7 +15,7 @@ from pathlib import Path
 
 from medllava.io import write_jsonl
 
-from curation.common import StepReport, iter_figure_records
+from curation.common import StepReport, clear_stale_temps, iter_figure_records
 
 CONCISE = (
     "Describe the image concisely.",
@@ -100,6 +100,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    clear_stale_temps([args.out])
     report = StepReport("align")
     records = iter_figure_records(args.inp, report)
     report.written = write_jsonl(args.out, alignment_records(records, args.seed, args.style, report))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from medllava.io import DataError, atomic_open
 
-from curation.common import StepReport
+from curation.common import StepReport, clear_stale_temps
 from curation.modality import LABELS, ModalityClassifier, decide, finish_scores, load_rules
 from curation.sources import is_llava_med_record, llava_med_to_figure
 
@@ -204,6 +204,7 @@ def run(args) -> int:
     build_classifier(settings.rules, settings.min_confidence)
     if settings.image_classifier:
         load_plugin(settings.image_classifier)
+    clear_stale_temps([args.out])
     report = StepReport("classify")
     labels: Counter = Counter()
     with atomic_open(args.out, "w") as out:

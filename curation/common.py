@@ -1,4 +1,5 @@
-"""What every curation step shares: the end-of-run count report and reading figure records.
+"""What every curation step shares: the end-of-run count report, reading figure records, and
+clearing the temporaries a killed earlier run left beside a step's outputs.
 
 A step never dies on one bad record: it counts it under a reason, keeps a few examples, and
 prints the tally at the end, so a 15M-record run tells exactly what it dropped and why.
@@ -9,10 +10,10 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from medllava.io import DataError, read_jsonl
+from medllava.io import DataError, read_jsonl, remove_stale_temps, remove_stale_temps_under
 
 from curation.sources import is_llava_med_record, llava_med_to_figure
 
@@ -99,6 +100,20 @@ def iter_figure_records(path: str | os.PathLike, report: StepReport) -> Iterator
     for msg in errors:
         report.read += 1
         report.skip("not a JSON object", msg)
+
+
+def clear_stale_temps(outputs: Iterable[str | os.PathLike], folders: Iterable[str | os.PathLike] = ()) -> list[Path]:
+    """Remove the temporaries a killed run left beside `outputs` and anywhere under `folders`;
+    returns them and prints one line when there were any.
+
+    An output's pattern also covers its side files (NAME.skipped.jsonl, NAME.removed.jsonl,
+    NAME.done.json). Call it only as the sole writer of those paths: a step about to write them.
+    """
+    found = [tmp for out in outputs for tmp in remove_stale_temps(out)]
+    found += [tmp for folder in folders for tmp in remove_stale_temps_under(folder)]
+    if found:
+        print(f"removed {len(found)} temporary files left by an interrupted run (e.g. {found[0]})")
+    return found
 
 
 def dumps(record: dict) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 from medllava.io import write_jsonl
 from medllava.records import check_image_path
 
-from curation.common import StepReport, iter_figure_records
+from curation.common import StepReport, clear_stale_temps, iter_figure_records
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".dcm"}
 DEFAULT_MAX_DISTANCE = 6
@@ -156,6 +156,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     if not args.image_root.is_dir():
         raise FileNotFoundError(f"--image-root folder not found: {args.image_root}")
+    clear_stale_temps([args.out])
     report = StepReport("dedupe")
     removed: list[dict] = []
     pool = get_context("spawn").Pool(args.workers) if args.workers > 1 else None

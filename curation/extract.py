@@ -24,7 +24,7 @@ from pathlib import Path
 
 from medllava.io import atomic_open, write_jsonl
 
-from curation.common import StepReport
+from curation.common import StepReport, clear_stale_temps
 from curation.jats import Article, UnsafeXMLError, parse_article
 from curation.sources import PMCID, llava_med_records, pmc15m_records
 
@@ -238,6 +238,8 @@ def register(subparsers) -> None:
 def run(args) -> int:
     if not (args.jats or args.pmc15m or args.llava_med):
         raise ValueError("nothing to extract: give --jats, --pmc15m or --llava-med")
+    # Images a killed run was copying count too: this step alone fills --images-out.
+    clear_stale_temps([args.out], [args.images_out] if args.images_out is not None else [])
     report = StepReport("extract", unit="articles/rows", log_skips=True)
 
     def records() -> Iterator[dict]:

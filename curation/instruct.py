@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from curation import instruct_parse as parse
 from curation import instruct_prompts as prompts_lib
-from curation.common import StepReport, iter_figure_records
+from curation.common import StepReport, clear_stale_temps, iter_figure_records
 from medllava.io import write_jsonl
 from medllava.llm_client import ChatClient, ChatRequest, ClientConfig, EndpointError
 from medllava.records import RecordError, check_image_path, normalize_record
@@ -120,6 +120,7 @@ def run_command(args: argparse.Namespace) -> int:
     if not args.in_path.is_file():
         raise FileNotFoundError(f"input file not found: {args.in_path}")
     cache = args.cache or args.out.with_name(args.out.stem + ".cache.jsonl")
+    clear_stale_temps([args.out])  # the cache is append-only (JsonlLog) and leaves no temporaries
     with ChatClient(config, cache_path=cache) as client:
         report = generate(args.in_path, args.out, client, opts)
     print(report.summary())

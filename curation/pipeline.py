@@ -5,8 +5,9 @@ for `--min-confidence`); the section is turned into that step's arguments and pa
 step's own parser, so the config accepts exactly what the command line does. A step whose
 output exists with a `.done.json` stamp matching its arguments and input files is skipped, so
 re-running after a crash redoes only the unfinished steps (outputs are written atomically, so
-an output on disk is complete). The temporaries a killed run left beside the outputs (and in the
-images folder, when extract runs again) are removed first, so they do not pile up.
+an output on disk is complete). The temporaries a killed run left beside the outputs are removed
+first, so they do not pile up, including those of steps that are then skipped as up to date (a step
+that runs also clears its own, and extract those in its images folder).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from pathlib import Path
 
 import yaml
 
-from medllava.io import (DataError, atomic_write_json, atomic_write_text, remove_stale_temps,
-                         remove_stale_temps_under)
+from medllava.io import DataError, atomic_write_json, atomic_write_text
+
+from curation.common import clear_stale_temps
 
 # (section, step module, output file, the --in of the step is the previous output)
 STEPS = [
@@ -107,11 +109,6 @@ def _stamp(argv: list[str], inp: Path | None) -> dict:
     return {"argv": argv, "input": [str(inp), stat.st_size, stat.st_mtime_ns] if stat else None}
 
 
-def _report_stale(found: list[Path]) -> None:
-    if found:
-        print(f"removed {len(found)} temporary files left by an interrupted run (e.g. {found[0]})")
-
-
 def run_pipeline(config_path: Path) -> list[str]:
     """Run (or resume) every configured step; returns the names of the steps that ran."""
     config = load_config(config_path)
@@ -130,18 +127,15 @@ def run_pipeline(config_path: Path) -> list[str]:
         args = parse_step(importlib.import_module(module_name), argv, f"{config_path}: {section}")
         plan.append((section, out, argv, args, previous))
         previous = out
-    # This run is the only writer of its folder, so any temporary there was left by a killed run;
-    # an output's pattern also covers its side files (NAME.done.json, NAME.skipped.jsonl).
-    _report_stale(remove_stale_temps(out_dir / "pipeline.yaml")
-                  + [tmp for _, out, *_ in plan for tmp in remove_stale_temps(out)])
+    # This run is the only writer of its folder, so any temporary there was left by a killed run.
+    # Cleared here for every step, since a step skipped as up to date never clears its own.
+    clear_stale_temps([out_dir / "pipeline.yaml", *(out for _, out, *_ in plan)])
     ran = []
     for section, out, argv, args, inp in plan:
         stamp_path = Path(f"{out}.done.json")
         if out.exists() and stamp_path.exists() and json.loads(stamp_path.read_text()) == _stamp(argv, inp):
             print(f"{section}: up to date ({out}), skipped")
             continue
-        if getattr(args, "images_out", None) is not None:
-            _report_stale(remove_stale_temps_under(args.images_out))  # images a killed extract was copying
         args.func(args)
         atomic_write_json(stamp_path, _stamp(argv, inp))
         ran.append(section)

@@ -89,6 +89,45 @@ def test_steps_end_to_end_through_the_cli(tmp_path, capsys):
     assert "skipped 1: exact duplicate" in printed and "skipped 1: matches a benchmark image" in printed
 
 
+def _stale(path: Path, folder: bool = False) -> Path:
+    """A temporary named as medllava.io names them (`.NAME.XXXXXXXX.tmp`), as a killed writer leaves it."""
+    tmp = path.parent / f".{path.name}.0badf00d.tmp"
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    if folder:
+        tmp.mkdir()
+        (tmp / "part").write_text("half")
+    else:
+        tmp.write_text("half a file")
+    return tmp
+
+
+def test_standalone_steps_clear_what_a_killed_run_left(tmp_path, capsys):
+    packages = _package(tmp_path)
+    figs, cls, ded, ali = (tmp_path / n for n in ("figs.jsonl", "cls.jsonl", "ded.jsonl", "align.jsonl"))
+    images = tmp_path / "images"
+    # Another output's temporary in the same folder is not any step's to remove.
+    other = _stale(tmp_path / "other.jsonl")
+    steps = [
+        (["extract", "--jats", str(packages), "--images-out", str(images), "--out", str(figs)],
+         [_stale(figs), _stale(Path(f"{figs}.skipped.jsonl")), _stale(images / "PMC3460867" / "pone.0046493.g001.png"),
+          _stale(images / "PMC1", folder=True)]),
+        (["classify", "--in", str(figs), "--out", str(cls), "--keep", "ct_scan,histology"], [_stale(cls)]),
+        (["dedupe", "--in", str(cls), "--image-root", str(images), "--out", str(ded),
+          "--benchmark-images", str(tmp_path / "bench")], [_stale(ded), _stale(Path(f"{ded}.removed.jsonl"))]),
+        (["align", "--in", str(ded), "--out", str(ali)], [_stale(ali, folder=True)]),
+    ]
+    for argv, planted in steps:
+        assert main(["curate", *argv]) == 0
+        assert not [p for p in planted if p.exists()], argv[0]
+        printed = capsys.readouterr().out
+        assert printed.count("temporary files left by an interrupted run") == 1
+        assert f"removed {len(planted)} temporary files" in printed
+    assert other.exists()
+    assert [i[-4:] for i in _ids(figs)] == ["g001", "g002", "g003", "g004"]
+    assert (images / "PMC3460867" / "pone.0046493.g001.png").read_bytes() == _png(1)
+    assert [i[-4:] for i in _ids(ali)] == ["g001"]
+
+
 def test_bad_input_gives_one_clear_error(tmp_path, capsys):
     assert main(["curate", "classify", "--in", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")]) == 1
     assert "missing.jsonl" in capsys.readouterr().err
@@ -105,12 +144,17 @@ def test_pipeline_runs_then_resumes(tmp_path, capsys):
     }
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(config))
-    assert main(["curate", "pipeline", "--config", str(path)]) == 0
     out = tmp_path / "run"
+    image_tmp = _stale(out / "images" / "PMC3460867" / "pone.0046493.g002.png")
+    assert main(["curate", "pipeline", "--config", str(path)]) == 0
     assert [i[-4:] for i in _ids(out / "alignment.jsonl")] == ["g001"]
     assert (out / "pipeline.yaml").read_text() == path.read_text()
+    assert not image_tmp.exists()
     capsys.readouterr()
+    skipped_tmp = _stale(out / "alignment.jsonl")  # beside the output of a step that will not run
     assert pipeline.run_pipeline(path) == []  # everything up to date
+    assert not skipped_tmp.exists()
+    assert capsys.readouterr().out.count("removed 1 temporary files left by an interrupted run") == 1
     config["align"]["seed"] = 1  # only the changed step reruns
     path.write_text(yaml.safe_dump(config))
     assert pipeline.run_pipeline(path) == ["align"]

@@ -259,6 +259,21 @@ def test_allava_run_sends_images_and_writes_caption_and_qa_records(tmp_path, cap
     assert "failed 1, retries 1" in printed
 
 
+def test_run_clears_the_temporary_a_killed_run_left(tmp_path, capsys):
+    def respond(n, seen):
+        return Reply(body=completion(f"User: What is shown?\nAssistant: {figure_of(seen)}"))
+
+    out = tmp_path / "conv.jsonl"
+    stale = tmp_path / ".conv.jsonl.0badf00d.tmp"  # how medllava.io names the temporary of conv.jsonl
+    stale.write_text('{"id": "half a reco')
+    with ChatServer(respond) as server:
+        assert cli("--in", str(FIGURES), "--out", str(out), "--base-url", server.url, "--model", "teacher",
+                   "--api-key-env", "TEACHER_KEY") == 0
+    assert not stale.exists()
+    assert "removed 1 temporary files left by an interrupted run" in capsys.readouterr().out
+    assert len(list(read_jsonl(out))) == 4
+
+
 def test_endpoint_down_is_a_clear_error_and_keeps_finished_replies(tmp_path, capsys):
     def respond(n, seen):
         return Reply(body=completion("User: What is shown?\nAssistant: A figure."), stop_listening=(n == 1))
