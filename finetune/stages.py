@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.config import DataConfig, LoraConfig, StageConfig
-from finetune.trainer import build_trainer, complete_checkpoints, is_main_process, training_arguments, world_size
+from finetune.trainer import (InputWait, build_trainer, complete_checkpoints, is_main_process, training_arguments,
+                              world_size)
 from medllava.io import atomic_write_json, write_jsonl
 from medllava.model import TRAINABLE, ModelConfig, build_model, save_model, set_trainable
 
@@ -101,10 +102,11 @@ def run_stage(
     cache = _vision_cache(name, stage, model, out_dir, len(dataset))
     collator = Collator(processor.tokenizer.pad_token_id, pack=stage.packing, sparse_logits=stage.sparse_logits,
                         image_keys=cache is not None)
+    input_wait = InputWait()
     trainer, trace = build_trainer(
         model, processor, dataset, collator, args, out_dir, eval_dataset=val_dataset,
         loss_func=supervised_loss if stage.sparse_logits else None,
-        lengths=dataset.lengths() if stage.group_by_length else None, vision_cache=cache,
+        lengths=dataset.lengths() if stage.group_by_length else None, vision_cache=cache, input_wait=input_wait,
     )
     accumulation = args.gradient_accumulation_steps
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -137,7 +139,10 @@ def run_stage(
         "skipped_examples": skip_examples,
         "trained_modules": list(modules),
         "lora": stage.lora.enabled,
+        "input_wait": input_wait.summary(stage.dataloader_workers),
     }
+    if is_main_process():
+        print(f"[{name}] {describe_input_wait(record['input_wait'])}", flush=True)
     if cache is not None:
         record["vision_cache"] = cache.stats()
     if val_dataset is not None:
@@ -152,6 +157,17 @@ def run_stage(
         atomic_write_json(out_dir / STAGE_DONE, record)
     _barrier()
     return record
+
+
+def describe_input_wait(wait: dict) -> str:
+    """One line on how long training waited for data, with advice when input held it back."""
+    line = (f"waited for data {wait['share']:.1%} of the training time ({wait['waited_s']:.1f} s of"
+            f" {wait['training_s']:.1f} s, longest wait {wait['longest_wait_s']:.2f} s) with"
+            f" {wait['dataloader_workers']} dataloader workers")
+    if wait["share"] > 0.1:
+        line += ("; the GPU was likely waiting on image decoding: raise train.dataloader_workers (up to the CPU cores"
+                 " per GPU)")
+    return line
 
 
 def check_speed_options(name: str, stage: StageConfig, modules: tuple[str, ...], run: RunSettings) -> None:

@@ -10,6 +10,8 @@ has returned, so a run killed mid-save never resumes from a half-written checkpo
 With an evaluation set (task heads with a validation split), the model is evaluated at every save
 and the checkpoint with the lowest validation loss is the one loaded at the end of training.
 
+`InputWait` times how long the loop waited for data (logged as `data_wait`, summed in the stage record).
+
 Speed options: `lengths` batches examples of similar length together (`length_grouped_sampler`,
 seeded per epoch so a resumed run replays the same order), and `vision_cache` serves a frozen vision
 tower's features from a `finetune.vision_cache.VisionFeatureCache`. The optimizer is fused AdamW on
@@ -23,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -115,6 +118,51 @@ class StepTrace:
                     rows[(row["step"], row["reason"], row["detail"])] = row
         counts = Counter(row["reason"] for row in rows.values())
         return counts, [f"{r['reason']}: {r['detail']}" for r in list(rows.values())[:20]]
+
+
+class InputWait:
+    """How long the training loop waited for its next batches: dataloader workers reading and decoding
+    images, collating, and the copy to the device. The host may wait while the GPU still runs queued work,
+    so this bounds the GPU time lost to input from above: near zero, data loading is off the critical path.
+    Trainer logs get `data_wait` (the share of the time since the previous log); `summary()` covers the
+    whole run of this process."""
+
+    def __init__(self):
+        self.waited = self.longest = 0.0
+        self.started: float | None = None
+        self.ended: float | None = None
+        self._window_start = 0.0
+        self._window_waited = 0.0
+
+    def add(self, start: float, end: float) -> None:
+        """One fetch of batches, from `start` to `end` (time.perf_counter)."""
+        if self.started is None:
+            self.started = self._window_start = start
+        self.waited += end - start
+        self._window_waited += end - start
+        self.longest = max(self.longest, end - start)
+
+    def window_share(self) -> float | None:
+        """Share of the wall time spent waiting since the previous call (or the first fetch); None before it."""
+        if self.started is None:
+            return None
+        now = time.perf_counter()
+        share = self._window_waited / max(now - self._window_start, 1e-9)
+        self._window_start, self._window_waited = now, 0.0
+        return share
+
+    def finish(self) -> None:
+        self.ended = time.perf_counter()
+
+    def summary(self, workers: int) -> dict:
+        wall = ((self.ended or time.perf_counter()) - self.started) if self.started is not None else 0.0
+        return {
+            "waited_s": round(self.waited, 3),
+            "training_s": round(wall, 3),
+            "share": round(self.waited / wall, 4) if wall > 0 else 0.0,
+            "longest_wait_s": round(self.longest, 3),
+            "dataloader_workers": workers,
+        }
 
 
 def read_trace(path: Path) -> dict[int, list]:
@@ -210,14 +258,14 @@ def length_grouped_sampler(lengths: list[int], group_size: int, seed: int):
 
 
 def build_trainer(model, processor, train_dataset, collator, args, out_dir: Path, eval_dataset=None, loss_func=None,
-                  lengths: list[int] | None = None, vision_cache=None):
+                  lengths: list[int] | None = None, vision_cache=None, input_wait: InputWait | None = None):
     """A Trainer for one stage with `args` from `training_arguments`.
 
     With `eval_dataset`, the validation loss is computed at every save (`save_steps`) and the best
     checkpoint by that loss is restored when training ends. `loss_func` replaces the model's own loss
     (`medllava.data.supervised_loss` with a sparse-logits collator). `lengths` (one per training
     example) groups batches by length; `vision_cache` (attached, with a collator that adds
-    `image_keys`) answers the vision tower from its cache.
+    `image_keys`) answers the vision tower from its cache. `input_wait` times every fetch of batches.
     """
     from transformers import Trainer, TrainerCallback
 
@@ -226,6 +274,10 @@ def build_trainer(model, processor, train_dataset, collator, args, out_dir: Path
     class Bookkeeping(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             trace.flush(state.global_step)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if input_wait is not None:
+                input_wait.finish()
 
         def on_save(self, args, state, control, **kwargs):
             if state.is_world_process_zero:
@@ -244,6 +296,21 @@ def build_trainer(model, processor, train_dataset, collator, args, out_dir: Path
                 return (zero, {}) if return_outputs else zero
             with vision_cache.batch(image_keys) if vision_cache else contextlib.nullcontext():
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        def get_batch_samples(self, epoch_iterator, num_batches, device):
+            start = time.perf_counter()
+            try:
+                return super().get_batch_samples(epoch_iterator, num_batches, device)
+            finally:
+                if input_wait is not None:
+                    input_wait.add(start, time.perf_counter())
+
+        def log(self, logs, *args, **kwargs):
+            if input_wait is not None and "loss" in logs:  # training logs; evaluation logs carry eval_loss
+                share = input_wait.window_share()
+                if share is not None:
+                    logs["data_wait"] = round(share, 4)
+            super().log(logs, *args, **kwargs)
 
         def _get_train_sampler(self, train_dataset=None):
             if lengths is None:

@@ -274,3 +274,40 @@ def test_lora_under_autocast_skips_the_input_cast_and_learns_the_same(batch):
     assert torch.allclose(loss0, loss1, rtol=1e-2)
     for name, g in grads0.items():
         assert torch.allclose(grads1[name], g, rtol=0.05, atol=1e-3 * g.abs().max()), name
+
+
+def test_time_spent_waiting_for_slow_images_is_counted_and_logged(mixed, tmp_path, monkeypatch):
+    # Every image takes at least 50 ms to "decode", in the training process (no workers): the loop must
+    # count at least that much waiting, log it as a share of the time, and say it was held back.
+    import time
+
+    from medllava import data
+
+    encode = data.Encoder.__call__
+
+    def slow(self, record):
+        time.sleep(0.05)
+        return encode(self, record)
+
+    monkeypatch.setattr(data.Encoder, "__call__", slow)
+    out = tmp_path / "align"
+    stage = align_stage(mixed, epochs=1, max_steps=3, save_steps=3, logging_steps=1, group_by_length=False,
+                        cache_vision_features="none")
+    record = run_stage("align", stage, ModelConfig(), RUN, out)
+    wait = record["input_wait"]
+    assert wait["waited_s"] >= 3 * 4 * 0.05  # 3 steps of 4 examples
+    assert 0 < wait["share"] <= 1 and wait["waited_s"] <= wait["training_s"] and wait["dataloader_workers"] == 0
+    assert wait["longest_wait_s"] >= 0.1  # each fetch gathers a step's 2 micro-batches of 2
+    state = json.loads((out / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
+    shares = [h["data_wait"] for h in state["log_history"] if "loss" in h]
+    assert len(shares) == 3 and all(0 < s <= 1 for s in shares)
+
+
+def test_the_input_wait_line_advises_only_when_input_held_training_back():
+    from finetune.stages import describe_input_wait
+
+    quick = {"waited_s": 1.0, "training_s": 200.0, "share": 0.005, "longest_wait_s": 0.3, "dataloader_workers": 4}
+    assert describe_input_wait(quick) == ("waited for data 0.5% of the training time (1.0 s of 200.0 s, longest"
+                                          " wait 0.30 s) with 4 dataloader workers")
+    starved = dict(quick, waited_s=50.0, share=0.25)
+    assert "raise train.dataloader_workers" in describe_input_wait(starved)
