@@ -68,14 +68,14 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.real_text import TextSource, describe, source_for, spread  # noqa: E402
-from benchmarks.shapes import meta_model, random_7b_processor  # noqa: E402
+from benchmarks.real_text import TextSource, encode_examples, source_for, spread  # noqa: E402
+from benchmarks.shapes import random_7b_processor  # noqa: E402
+from benchmarks.train_profile import GpuProfile, summary_line  # noqa: E402
+from benchmarks.train_report import flops_per_example, report  # noqa: E402
 from finetune.stages import apply_lora, compile_decoder_layers  # noqa: E402
 from finetune.trainer import checkpointing_arguments  # noqa: E402
 from medllava.data import Collator, supervised_loss  # noqa: E402
-from medllava.io import atomic_write_json  # noqa: E402
 from medllava.model import TRAINABLE, ModelConfig, build_model, num_image_tokens, set_trainable  # noqa: E402
-from medllava.templates import TooLongError, encode_conversation  # noqa: E402
 from medllava.tiny import TINY_SPECS  # noqa: E402
 
 CONFIGS = REPO / "finetune" / "configs"
@@ -168,30 +168,6 @@ def load_model(args, attn: str = "sdpa", checkpointing: bool = False, plain: boo
     return model, processor, tokenizer
 
 
-def encode_examples(records, processor, template, n_image_tokens, image_token_index, image_size, max_length):
-    """Encode conversations as medllava's training data does; images are random pixels `(1, 3, S, S)`
-    (none when `image_size` is None: lengths only).
-
-    Longer records are cut at `max_length` as training cuts them; returns the examples and how many records
-    were left out because the cut would take their image or first reply.
-    """
-    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-    examples, too_long = [], 0
-    for i, rec in enumerate(records):
-        try:
-            enc = encode_conversation(rec["conversations"], processor, template, n_image_tokens, max_length=max_length)
-        except TooLongError:
-            too_long += 1
-            continue
-        # The processor's image token may have another id than the model's (the llava-7b shape).
-        ids = [image_token_index if t == image_id else t for t in enc["input_ids"]]
-        examples.append({"id": str(i), "input_ids": ids, "attention_mask": enc["attention_mask"],
-                         "labels": enc["labels"], "image_keys": [f"random/{i}.png"]})
-        if image_size is not None:
-            examples[-1]["pixel_values"] = torch.randn(1, 3, image_size, image_size)
-    return examples, too_long
-
-
 def run(model, examples, collator, args, loss_func, lengths=None, cache=None, compiled=False, micro=None,
         checkpointing=False):
     """Train `args.steps` optimizer steps of `args.batch` examples, `micro` per forward pass (default all of
@@ -261,49 +237,6 @@ def run(model, examples, collator, args, loss_func, lengths=None, cache=None, co
     return per_step, peak, tokens["pad"] / max(1, tokens["all"]), profile
 
 
-class GpuProfile:
-    """torch.profiler over the timed steps: how much of the wall time the GPU was running kernels, and
-    which kernels took it (`--profile`)."""
-
-    def __init__(self):
-        self.prof, self.wall = None, None  # wall: when the running profile started
-
-    def start(self):
-        from torch.profiler import ProfilerActivity, profile
-
-        self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
-        self.prof.__enter__()
-        self.wall = time.perf_counter()
-
-    def stop(self):
-        if self.prof is not None and self.wall is not None:
-            self.prof.__exit__(None, None, None)
-            self.wall, self.seconds = None, time.perf_counter() - self.wall
-
-    def summary(self, top: int = 8) -> dict | None:
-        if self.prof is None:
-            return None
-        from torch.autograd import DeviceType
-
-        spans, by_name = [], {}
-        for evt in self.prof.events():
-            if evt.device_type == DeviceType.CUDA and evt.time_range.elapsed_us() > 0:
-                spans.append((evt.time_range.start, evt.time_range.end))
-                by_name[evt.name] = by_name.get(evt.name, 0) + evt.time_range.elapsed_us()
-        busy, end = 0, None
-        for start, stop in sorted(spans):  # union of kernel intervals: overlapping streams count once
-            if end is None or start > end:
-                busy += stop - start
-                end = stop
-            elif stop > end:
-                busy += stop - end
-                end = stop
-        total = sum(by_name.values()) or 1
-        kernels = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
-        return {"gpu_busy_%": 100 * busy / 1e6 / self.seconds, "profiled_s": self.seconds,
-                "top_kernels": [{"name": k[:90], "%": 100 * v / total} for k, v in kernels]}
-
-
 def fill_cache(model, examples, batch):
     """A vision feature cache holding every example's image: what the epochs after the first see."""
     from finetune.vision_cache import VisionFeatureCache
@@ -317,14 +250,6 @@ def fill_cache(model, examples, batch):
             with cache.batch([k for e in chunk for k in e["image_keys"]]):
                 tower(pixels)
     return cache
-
-
-def parameter_counts(config) -> tuple[int, int]:
-    """(language model without embeddings, vision tower) parameters, counted unquantised on the meta device."""
-    plain = type(config).from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
-    shape = meta_model(plain).model
-    n_llm = sum(p.numel() for n, p in shape.language_model.named_parameters() if "embed" not in n)
-    return n_llm, sum(p.numel() for p in shape.vision_tower.parameters())
 
 
 def measure(options, args, source: TextSource, describe_text: bool = False, attn: str = "sdpa", micro=None,
@@ -356,8 +281,7 @@ def measure(options, args, source: TextSource, describe_text: bool = False, attn
         raise RuntimeError(f"cached path ran the vision tower on {cache.computed - len(examples)} images while timed")
     text = [len(e["input_ids"]) - n_img for e in examples]
     mean_text = sum(text) / len(text)
-    n_llm, n_vision = parameter_counts(base.config)
-    flops = STAGES[args.stage]["flops"] * n_llm * (mean_text + n_img) + 2 * n_vision * (n_img + 1)
+    flops = flops_per_example(base.config, STAGES[args.stage]["flops"], mean_text + n_img, n_img)
     row = {
         "samples/s": args.batch / per_step,
         "tokens/s": args.batch * (mean_text + n_img) / per_step,
@@ -402,9 +326,7 @@ def measure_all(paths: list[str], args, source: TextSource) -> tuple[dict, dict 
                       f"{r['peak GiB'] if r['peak GiB'] is None else round(r['peak GiB'], 2)} GiB, micro-batch {micro}",
                       file=sys.stderr, flush=True)
                 if "profile" in r:
-                    prof = r["profile"]
-                    print(f"{name} profile: GPU busy {prof['gpu_busy_%']:.1f}% of {prof['profiled_s']:.1f} s; "
-                          + "; ".join(f"{k['%']:.1f}% {k['name']}" for k in prof["top_kernels"]), flush=True)
+                    print(summary_line(name, r["profile"]), flush=True)
             except torch.OutOfMemoryError:
                 if plain or micro == 1:
                     results[name] = {"error": f"out of GPU memory at {micro} examples per forward pass"}
@@ -419,54 +341,6 @@ def measure_all(paths: list[str], args, source: TextSource) -> tuple[dict, dict 
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     return results, text
-
-
-def report(args, paths: list[str], results: dict, text: dict | None) -> dict:
-    """Print the table; return everything it shows, for --json."""
-    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    spec = STAGES[args.stage]
-    lora = lora_settings(spec["lora"]) if "lora" in spec else None
-    settings = (f"; LoRA r={lora.r} alpha={lora.alpha} on {','.join(lora.target_modules)} + projector in full"
-                f" ({spec['lora']}{', language model in 4-bit NF4' if spec.get('quantize') else ''})" if lora else "")
-    print(f"stage {args.stage}, model {args.model}, device {device}, dtype {args.dtype}, {args.batch} examples per"
-          f" optimizer step, {args.steps} steps (timed after 2), {'fused' if args.device == 'cuda' else 'plain'} AdamW;"
-          f" attention: baseline sdpa, the other paths {args.attn} unless named{settings}")
-    if text is not None:
-        print(f"text: {text['source']}; {text['template']} template, {text['tokenizer']}; text tokens per example"
-              f" min/median/max {describe(text['text_tokens_per_example'])} (the real records whole:"
-              f" {describe(text['text_tokens_of_real_records'])}), + {text['image_tokens']} image tokens"
-              + (f"; {text['examples_too_long']} drawn examples left out (--max-length would cut their image or"
-                 " first reply)" if text["examples_too_long"] else ""))
-    convention = (f"FLOP convention: per example, {spec['flops']}N per token for the language model's forward and"
-                  " backward (N = its parameters without embeddings, unquantised) over image + text tokens without"
-                  " padding, + 2 x the vision tower's parameters per patch token (counted on every path, cached"
-                  " or not)")
-    print(convention)
-    print("micro: examples per forward pass (gradients accumulated up to the batch); ckpt: activations recomputed")
-    print(f"{'path':<12}{'samples/s':>11}{'tokens/s':>10}{'TFLOP/s':>9}{'pad %':>7}{'peak GiB':>10}{'micro':>7}"
-          f"{'ckpt':>6}  attention")
-    for name, r in results.items():
-        if "error" in r:
-            print(f"{name:<12}  {r['error']}")
-            continue
-        peak = f"{r['peak GiB']:>10.2f}" if r["peak GiB"] is not None else f"{'-':>10}"
-        print(f"{name:<12}{r['samples/s']:>11.2f}{r['tokens/s']:>10.0f}{r['TFLOP/s']:>9.3f}{r['pad %']:>7.1f}{peak}"
-              f"{r['micro-batch']:>7}{'on' if r['checkpointing'] else 'off':>6}  {r['attn']}")
-    ratios = {}
-    if "samples/s" in results.get("baseline", {}):
-        for name in paths[1:]:
-            if "samples/s" in results[name]:
-                ratios[name] = results[name]["samples/s"] / results["baseline"]["samples/s"]
-                print(f"{name} / baseline samples/s: {ratios[name]:.2f}x")
-    return {
-        "stage": args.stage, "model": args.model, "device": device, "dtype": args.dtype, "batch": args.batch,
-        "steps": args.steps, "micro_batch": args.micro_batch or args.batch,
-        "gradient_checkpointing": args.gradient_checkpointing, "baseline_checkpointing": args.baseline_checkpointing,
-        "lora": None if lora is None else {"config": spec["lora"], "r": lora.r, "alpha": lora.alpha,
-                                           "target_modules": list(lora.target_modules),
-                                           "quantize_4bit": bool(spec.get("quantize"))},
-        "text": text, "flop_convention": convention, "paths": results, "vs_baseline": ratios,
-    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -528,9 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     source = source_for("align" if args.stage == "align" else "instruct", args.lengths_from)
     results, text = measure_all(paths, args, source)
-    table = report(args, paths, results, text)
-    if args.json:
-        atomic_write_json(args.json, table)
+    spec = STAGES[args.stage]
+    report(args, paths, results, text, spec, lora_settings(spec["lora"]) if "lora" in spec else None)
     return 0
 
 

@@ -12,6 +12,9 @@ them with replacement, and the printed header says so. Captions are drawn whole.
 conversation built from rounds (a question and its answer) drawn with replacement from every round of the
 real conversations, as many rounds as a real conversation drawn at random has; its image placeholder
 leads the first question, as in the real records. A file's records are drawn whole.
+
+`encode_examples` turns drawn records into training examples with medllava's template code, as training
+data is encoded, so their labels supervise the replies only.
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from medllava.io import DataError
+from medllava.templates import TooLongError, encode_conversation
 
 REPO = Path(__file__).resolve().parent.parent
 PMC_ARTICLES = REPO / "medllava" / "assets" / "demo" / "pmc"
@@ -131,3 +137,26 @@ def spread(values: list[int]) -> dict:
 def describe(numbers: dict) -> str:
     return f"{numbers['min']}/{numbers['median']:g}/{numbers['max']}"
 
+
+def encode_examples(records, processor, template, n_image_tokens, image_token_index, image_size, max_length):
+    """Encode conversations as medllava's training data does; images are random pixels `(1, 3, S, S)`
+    (none when `image_size` is None: lengths only).
+
+    Longer records are cut at `max_length` as training cuts them; returns the examples and how many records
+    were left out because the cut would take their image or first reply.
+    """
+    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    examples, too_long = [], 0
+    for i, rec in enumerate(records):
+        try:
+            enc = encode_conversation(rec["conversations"], processor, template, n_image_tokens, max_length=max_length)
+        except TooLongError:
+            too_long += 1
+            continue
+        # The processor's image token may have another id than the model's (the llava-7b shape).
+        ids = [image_token_index if t == image_id else t for t in enc["input_ids"]]
+        examples.append({"id": str(i), "input_ids": ids, "attention_mask": enc["attention_mask"],
+                         "labels": enc["labels"], "image_keys": [f"random/{i}.png"]})
+        if image_size is not None:
+            examples[-1]["pixel_values"] = torch.randn(1, 3, image_size, image_size)
+    return examples, too_long
