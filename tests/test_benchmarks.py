@@ -216,3 +216,27 @@ def test_the_7b_shape_expects_the_image_token_its_processor_writes(bench_train):
         argparse.Namespace(stage="align", model="llava-7b", device="meta", dtype="float32"))
     assert model.config.image_token_index == processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     assert sum(p.numel() for p in model.parameters()) > 7e9
+
+
+def test_the_input_benchmark_loads_every_example_and_derives_gpu_idle_from_its_rates(tmp_path, capsys):
+    from finetune.config import AdaptConfig, StageConfig
+    from medllava.config import load_config
+
+    bench_data = _load("bench_data")
+    assert bench_data.default_gpu_rate() == pytest.approx(16.41, abs=0.01)  # the H100 stage-1 packed-flex figure
+    # The docstring's "medllava's stage configs use 4 workers": the 7B configs leave the default alone.
+    assert StageConfig().dataloader_workers == 4
+    for name in ("llava_med", "llava_med_lora", "llava_med_qlora"):
+        config = load_config(AdaptConfig, REPO / "finetune" / "configs" / f"{name}.yaml")
+        assert {s.dataloader_workers for s in (config.align, config.instruct)} == {4}, name
+    out = tmp_path / "data.json"
+    assert bench_data.main(["--examples", "10", "--batch", "4", "--workers", "0,1", "--gpu-rate", "20",
+                            "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "10 examples over 9 images" in printed and "| workers | samples/s |" in printed
+    result = json.loads(out.read_text())
+    plain, one = result["rows"]
+    assert (plain["workers"], plain["samples"], one["workers"], one["samples"]) == (0, 10, 1, 10)
+    decode, step = 1 / plain["samples_per_s"], 1 / 20
+    assert plain["gpu_idle"] == pytest.approx(decode / (decode + step))
+    assert one["gpu_idle"] == max(0.0, 1 - one["samples_per_s"] / 20) and plain["ratio"] == 1.0
