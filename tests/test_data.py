@@ -91,3 +91,39 @@ def test_sparse_logits_give_the_models_own_loss_and_gradients(trained_like, pack
     loss.backward()
     assert torch.allclose(loss, reference, atol=1e-5)
     assert torch.allclose(model.lm_head.weight.grad, grad, atol=1e-6)
+
+
+def test_the_chunked_loss_equals_one_pass_and_never_holds_float32_logits_of_every_position():
+    from medllava.data import supervised_loss
+
+    torch.manual_seed(0)
+    vocab, width = 50, 40
+    labels = torch.randint(0, vocab, (2, width))
+    labels[:, :7] = -100  # prompt
+    labels[1, 30:] = -100  # padding of the shorter row
+    positions = (labels[:, 1:] != -100).any(dim=0).nonzero().squeeze(1)
+    base = torch.randn(2, len(positions), vocab, dtype=torch.bfloat16)
+    reference_logits = base.clone().requires_grad_()
+    targets = labels[:, 1:][:, positions]
+    reference = torch.nn.functional.cross_entropy(reference_logits.float().reshape(-1, vocab), targets.reshape(-1),
+                                                  ignore_index=-100, reduction="sum") / (targets != -100).sum()
+    reference.backward()
+    for chunk in (1, 7, 10_000):
+        logits = base.clone().requires_grad_()
+        saved = []
+
+        def pack(t):
+            saved.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = supervised_loss(type("Out", (), {"logits": logits})(), labels, chunk=chunk)
+        loss.backward()
+        assert torch.allclose(loss, reference, atol=1e-6), chunk
+        assert torch.equal(logits.grad, reference_logits.grad), chunk
+        widest = max((t.numel() for t in saved if t.dtype == torch.float32 and t.dim() == 2), default=0)
+        # Held from forward to backward: no float32 logits when chunked (each chunk is recomputed in the
+        # backward pass), every row of them in one pass.
+        assert widest == (0 if chunk < targets.numel() else targets.numel() * vocab), chunk
+    empty = torch.zeros(1, 0, vocab, requires_grad=True)
+    assert supervised_loss(type("Out", (), {"logits": empty})(), torch.full((1, 5), -100)).requires_grad
