@@ -31,7 +31,8 @@ pass, with activation checkpointing when `--baseline-checkpointing` (or `--gradi
 given; medllava's paths run `--micro-batch` examples per pass and accumulate gradients up to the same
 `--batch` per optimizer step, recomputing activations only with `--gradient-checkpointing` (its stage
 configs leave checkpointing off where the micro-batch fits without it). A path that runs out of GPU
-memory is retried at half its micro-batch; the micro-batch it ran at is in the table.
+memory is retried at half its micro-batch; the micro-batch it ran at is in the table. `--paths NAME@N`
+runs a path at N examples per pass whatever `--micro-batch` says, so one run can time a path at two sizes.
 Data loading is outside the timed region (examples are encoded once), so the figures are the model's.
 The optimizer is the one medllava's stages use: fused AdamW on CUDA (also transformers' default there
 with torch >= 2.8), the plain loop elsewhere. A path that fails otherwise is reported as such and the
@@ -309,14 +310,15 @@ def measure_all(paths: list[str], args, source: TextSource) -> tuple[dict, dict 
     otherwise, gets an `error` row (the traceback goes to stderr) and the rest still run."""
     results, text = {}, None
     for name in paths:
-        plain = name == "baseline"
+        path, _, at = name.partition("@")  # NAME@N: this path at N examples per pass
+        plain = path == "baseline"
         # The baseline is the plain way, sdpa; --attn (or the path itself) picks the kernel of medllava's paths.
-        attn = "sdpa" if plain else PATHS[name].get("attn", args.attn)
-        micro = args.batch if plain else (args.micro_batch or args.batch)
+        attn = "sdpa" if plain else PATHS[path].get("attn", args.attn)
+        micro = int(at) if at else args.batch if plain else (args.micro_batch or args.batch)
         checkpointing = args.gradient_checkpointing or (plain and args.baseline_checkpointing)
         while name not in results:
             try:
-                results[name], described = measure(PATHS[name], args, source, describe_text=text is None, attn=attn,
+                results[name], described = measure(PATHS[path], args, source, describe_text=text is None, attn=attn,
                                                    micro=micro, checkpointing=checkpointing, plain=plain)
                 results[name]["attn"] = attn
                 text = text or described
@@ -352,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=12, help="optimizer steps per path; the first 2 are not timed")
-    p.add_argument("--paths", help=f"comma-separated paths to run, of {', '.join(PATHS)} (default: all the stage has)")
+    p.add_argument("--paths", help=f"comma-separated paths to run, of {', '.join(PATHS)} (default: all the stage has);"
+                                  " NAME@N runs NAME at N examples per pass (e.g. packed-flex-compiled@16)")
     p.add_argument("--attn", default="sdpa", choices=("sdpa", "flex_attention", "flash_attention_2", "eager"),
                    help="attention kernel of every path but the baseline (sdpa, the plain way); packed rows keep"
                         " attention inside each example under each of them")
@@ -381,9 +384,15 @@ def stage_paths(args, parser) -> list[str]:
     if not args.paths:
         return available
     asked = [name.strip() for name in args.paths.split(",") if name.strip()]
-    unknown = [name for name in asked if name not in available]
+    unknown = [name for name in asked if name.partition("@")[0] not in available]
     if unknown:
         parser.error(f"--paths {', '.join(unknown)}: stage {args.stage} has {', '.join(available)}")
+    for name in asked:
+        at = name.partition("@")[2]
+        if at and not (at.isdigit() and int(at) >= 1 and args.batch % int(at) == 0):
+            parser.error(f"--paths {name}: the examples per pass after @ must divide --batch {args.batch}")
+    if len(set(asked)) < len(asked):
+        parser.error(f"--paths {args.paths}: a path is named twice")
     return asked
 
 

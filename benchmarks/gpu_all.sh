@@ -3,16 +3,18 @@
 #
 #   bash benchmarks/gpu_all.sh [--out DIR] [--dry-run] [STEP ...]
 #
-# STEPs, in order (default: all of them, about 17 minutes on one H100). Estimates from measured H100 rates
+# STEPs, in order (default: all of them, about 20 minutes on one H100). Estimates from measured H100 rates
 # (stage 1 baseline 10.5 samples/s at batch 32, stage 2 LoRA 3.1 samples/s at batch 16, eval 3.1 questions/s
 # batched), the baseline being the slowest path, plus ~15 s to build each path's model. The baseline is the
 # plain way at the settings (one forward pass per batch, activation checkpointing to fit it);
 # medllava's paths run the micro-batch of its stage configs without checkpointing, accumulating to the batch:
 #   align  stage 1, llava-7b shape, batch 32 (medllava: 4 x 8): baseline, sparse, cached, packed-flex
-#          (packed under flex attention), packed-flex-compiled (and each decoder layer compiled);
-#          6 steps x 32 / 10.5 = 18 s a path, + compilation                              (~4 min)
+#          (packed under flex attention), packed-flex-compiled (and each decoder layer compiled), the
+#          same at 2 x 16 (compiled layers may hold fewer activations; halved again if 16 do not fit);
+#          6 steps x 32 / 10.5 = 18 s a path, + compilation                              (~6 min)
 #   lora   stage 2 with LoRA (llava_med_lora.yaml), batch 16 (medllava: 4 x 4): baseline, sparse,
-#          packed-flex, packed-flex-compiled; 6 steps x 16 / 3.1 = 31 s a path, + compilation (~4 min)
+#          packed-flex, packed-flex-compiled, the same at 2 x 8; 6 steps x 16 / 3.1 = 31 s a path,
+#          + compilation                                                                 (~5 min)
 #   qlora  stage 2 QLoRA (llava_med_qlora.yaml: batch 8, activation checkpointing on every path) on a random
 #          7B checkpoint loaded in 4-bit for each of baseline, sparse, grouped          (~3 min, + ~2 min
 #          to write the checkpoint once)
@@ -20,7 +22,7 @@
 #          timed on the first 32, random 7B checkpoint                                  (~3 min)
 # Full stage 2 of a 7B model does not fit one 80 GB card (bf16 weights and gradients and AdamW's float32
 # states alone take ~84 GB): benchmarks/zero3_memory.py gives its per-GPU memory under ZeRO-3.
-# Where one command may run 10 minutes at most, run it in two calls: `align lora`, then `qlora eval`.
+# Where one command may run 10 minutes at most, run one step per call (`align`, `lora`, then `qlora eval`).
 #
 # Tables go to --out DIR, else $OUT, else runs/bench-gpu (relative paths are from the repository root):
 # STEP.txt (what was printed), STEP.json (the figures and their settings), STEP.log (warnings), summary.txt
@@ -102,11 +104,12 @@ install_wheels
 record_environment
 for step in "${STEPS[@]}"; do
     case "$step" in
-        align) run_step align 300 "${TRAIN[@]}" --stage align --batch 32 --micro-batch 8 --steps 6 --compile \
-                   --baseline-checkpointing --paths baseline,sparse,cached,packed-flex,packed-flex-compiled \
+        align) run_step align 480 "${TRAIN[@]}" --stage align --batch 32 --micro-batch 8 --steps 6 --compile \
+                   --baseline-checkpointing \
+                   --paths baseline,sparse,cached,packed-flex,packed-flex-compiled,packed-flex-compiled@16 \
                    --json "$OUT_DIR/align.json" ;;
-        lora) run_step lora 300 "${TRAIN[@]}" --stage instruct-lora --batch 16 --micro-batch 4 --steps 6 --compile \
-                  --baseline-checkpointing --paths baseline,sparse,packed-flex,packed-flex-compiled \
+        lora) run_step lora 420 "${TRAIN[@]}" --stage instruct-lora --batch 16 --micro-batch 4 --steps 6 --compile \
+                  --baseline-checkpointing --paths baseline,sparse,packed-flex,packed-flex-compiled,packed-flex-compiled@8 \
                   --json "$OUT_DIR/lora.json" ;;
         qlora) ensure_checkpoint
                run_step qlora 280 "$PY" benchmarks/bench_train.py --model "$CHECKPOINT" --device cuda --dtype bfloat16 \

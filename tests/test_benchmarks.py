@@ -174,14 +174,15 @@ def test_a_path_out_of_gpu_memory_is_reported_and_the_others_still_run(bench_tra
     monkeypatch.setattr(bench_train, "measure", fake_measure)
     out = tmp_path / "full.json"
     argv = ["--stage", "instruct-full", "--steps", "3", "--batch", "4", "--micro-batch", "2", "--paths",
-            "baseline,packed,sparse", "--baseline-checkpointing", "--json", str(out)]
+            "baseline,packed,sparse,sparse@4", "--baseline-checkpointing", "--json", str(out)]
     assert bench_train.main(argv) == 0
     table = json.loads(out.read_text())
     # The packed path is retried at half its micro-batch until one example per pass also runs out.
-    assert tried == [(False, False, 4), (True, True, 2), (True, True, 1), (False, True, 2)]
+    assert tried == [(False, False, 4), (True, True, 2), (True, True, 1), (False, True, 2), (False, True, 4)]
+    assert table["paths"]["sparse@4"]["micro-batch"] == 4
     assert table["paths"]["packed"] == {"error": "out of GPU memory at 1 examples per forward pass"}
     assert table["paths"]["sparse"]["micro-batch"] == 2 and table["paths"]["baseline"]["checkpointing"]
-    assert table["vs_baseline"] == {"sparse": 2.0}
+    assert table["vs_baseline"] == {"sparse": 2.0, "sparse@4": 2.0}
     printed = capsys.readouterr()
     assert "packed        out of GPU memory at 1 examples per forward pass" in printed.out
     assert "trying 1" in printed.err
@@ -240,3 +241,14 @@ def test_the_input_benchmark_loads_every_example_and_derives_gpu_idle_from_its_r
     decode, step = 1 / plain["samples_per_s"], 1 / 20
     assert plain["gpu_idle"] == pytest.approx(decode / (decode + step))
     assert one["gpu_idle"] == max(0.0, 1 - one["samples_per_s"] / 20) and plain["ratio"] == 1.0
+
+
+def test_a_path_can_be_named_at_its_own_micro_batch(bench_train, capsys):
+    parser = bench_train.build_parser()
+    args = parser.parse_args(["--batch", "8", "--micro-batch", "2", "--paths", "baseline,sparse,sparse@8"])
+    assert bench_train.stage_paths(args, parser) == ["baseline", "sparse", "sparse@8"]
+    for bad, says in (("sparse@3", "must divide --batch 8"), ("sparse@0", "must divide"), ("sparse@x", "must divide"),
+                      ("nothing@2", "stage align has"), ("sparse,sparse", "named twice")):
+        with pytest.raises(SystemExit):
+            bench_train.stage_paths(parser.parse_args(["--batch", "8", "--paths", bad]), parser)
+        assert says in capsys.readouterr().err, bad
