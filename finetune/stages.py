@@ -165,8 +165,8 @@ def describe_input_wait(wait: dict) -> str:
             f" {wait['training_s']:.1f} s, longest wait {wait['longest_wait_s']:.2f} s) with"
             f" {wait['dataloader_workers']} dataloader workers")
     if wait["share"] > 0.1:
-        line += ("; the GPU was likely waiting on image decoding: raise train.dataloader_workers (up to the CPU cores"
-                 " per GPU)")
+        line += ("; loading data held training back: raise this stage's dataloader_workers (one process each, up to"
+                 " the CPU cores free per GPU)")
     return line
 
 

@@ -310,4 +310,4 @@ def test_the_input_wait_line_advises_only_when_input_held_training_back():
     assert describe_input_wait(quick) == ("waited for data 0.5% of the training time (1.0 s of 200.0 s, longest"
                                           " wait 0.30 s) with 4 dataloader workers")
     starved = dict(quick, waited_s=50.0, share=0.25)
-    assert "raise train.dataloader_workers" in describe_input_wait(starved)
+    assert "held training back: raise this stage's dataloader_workers" in describe_input_wait(starved)
