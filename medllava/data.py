@@ -213,7 +213,9 @@ def supervised_loss(outputs, labels, num_items_in_batch=None, chunk: int = LOSS_
     for start in range(0, logits.shape[0], chunk):
         part, wanted = logits[start:start + chunk], targets[start:start + chunk]
         if logits.requires_grad and logits.shape[0] > chunk:
-            total = total + checkpoint(_summed_cross_entropy, part, wanted, use_reentrant=False)
+            # Cross-entropy draws no random numbers: no RNG state to save and restore per chunk.
+            total = total + checkpoint(_summed_cross_entropy, part, wanted, use_reentrant=False,
+                                       preserve_rng_state=False)
         else:
             total = total + _summed_cross_entropy(part, wanted)
     count = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum()
