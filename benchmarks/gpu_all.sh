@@ -20,9 +20,11 @@
 #          to write the checkpoint once)
 #   eval   batched generation (batches of 64, 32 new tokens) on 451 questions against one question at a time,
 #          timed on the first 32, random 7B checkpoint                                  (~3 min)
+#   data   the stage-1 input pipeline on this machine's CPU cores (demo images), 0, 2, 4 and 8 dataloader
+#          workers against the GPU's stage-1 appetite (benchmarks/bench_data.py)             (~1 min)
 # Full stage 2 of a 7B model does not fit one 80 GB card (bf16 weights and gradients and AdamW's float32
 # states alone take ~84 GB): benchmarks/zero3_memory.py gives its per-GPU memory under ZeRO-3.
-# Where one command may run 10 minutes at most, run one step per call (`align`, `lora`, then `qlora eval`).
+# Where one command may run 10 minutes at most, run one step per call (`align`, `lora`, then `qlora eval data`).
 #
 # Tables go to --out DIR, else $OUT, else runs/bench-gpu (relative paths are from the repository root):
 # STEP.txt (what was printed), STEP.json (the figures and their settings), STEP.log (warnings), summary.txt
@@ -42,13 +44,15 @@ while [[ $# -gt 0 ]]; do
     case "$1" in
         --out) OUT_DIR="${2:?gpu_all.sh: --out needs a folder}"; shift 2 ;;
         --dry-run) DRY_RUN=1; shift ;;
-        align|lora|qlora|eval) STEPS+=("$1"); shift ;;
-        *) echo "gpu_all.sh: unknown argument '$1' (steps: align lora qlora eval;" \
+        align|lora|qlora|eval|data) STEPS+=("$1"); shift ;;
+        *) echo "gpu_all.sh: unknown argument '$1' (steps: align lora qlora eval data;" \
                 "options: --out DIR, --dry-run)" >&2
            exit 2 ;;
+        data) run_step data 120 "$PY" benchmarks/bench_data.py --examples 512 --workers 0,2,4,8 \
+                  --json "$OUT_DIR/data.json" ;;
     esac
 done
-[[ ${#STEPS[@]} -eq 0 ]] && STEPS=(align lora qlora eval)
+[[ ${#STEPS[@]} -eq 0 ]] && STEPS=(align lora qlora eval data)
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 CHECKPOINT="${CHECKPOINT:-runs/bench-7b-random}"
 TRAIN=("$PY" benchmarks/bench_train.py --model llava-7b --device cuda --dtype bfloat16)
@@ -118,6 +122,8 @@ for step in "${STEPS[@]}"; do
         eval) ensure_checkpoint
               run_step eval 240 "$PY" benchmarks/bench_eval.py --model "$CHECKPOINT" --device cuda --dtype bfloat16 \
                   --questions 451 --batch-size 64 --max-new-tokens 32 --single-questions 32 --json "$OUT_DIR/eval.json" ;;
+        data) run_step data 120 "$PY" benchmarks/bench_data.py --examples 512 --workers 0,2,4,8 \
+                  --json "$OUT_DIR/data.json" ;;
     esac
 done
 [[ $DRY_RUN == 1 ]] || { echo "== summary ($OUT_DIR)"; cat "$OUT_DIR/summary.txt"; }
