@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -30,3 +31,13 @@ def grey(image: Image.Image) -> np.ndarray:
     arr = pixels(image)
     assert (arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all()
     return arr[..., 0]
+
+
+def random_png(seed: int, size: int) -> bytes:
+    """A seeded smooth random RGB image (`size` px square) as PNG bytes: figures for curation fixtures."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
+    image = coarse.resize((size, size), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()

@@ -9,12 +9,11 @@ import tarfile
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
 from curation import pipeline
+from imaging import random_png
 from medllava.cli import main
 from medllava.io import DataError
 from medllava.records import normalize_record
@@ -33,11 +32,7 @@ CAPTIONS = {
 
 
 def _png(seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    im = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((64, 64), Image.Resampling.BICUBIC)
-    buf = io.BytesIO()
-    im.save(buf, "PNG")
-    return buf.getvalue()
+    return random_png(seed, 64)
 
 
 def _package(tmp_path: Path) -> Path:

@@ -18,14 +18,13 @@ import time
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 from safetensors.torch import load_file
 
 from curation import pipeline
+from imaging import random_png
 from finetune.trainer import COMPLETE_MARKER, complete_checkpoints, read_trace
 from medllava import io as mio
 from medllava.cli import main
@@ -85,11 +84,7 @@ N_PACKAGES = 120
 
 
 def _png(seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    image = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((48, 48), Image.Resampling.BICUBIC)
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return buf.getvalue()
+    return random_png(seed, 48)
 
 
 def oa_packages(folder: Path, n: int) -> None:
