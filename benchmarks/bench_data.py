@@ -34,11 +34,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.real_text import caption_source  # noqa: E402
+from curation.dedupe import IMAGE_SUFFIXES  # noqa: E402  (the image files curation collects, DICOM included)
 from medllava.commands import demo_data  # noqa: E402
 from medllava.io import atomic_write_json  # noqa: E402
 
 H100_STAGE1 = REPO / "benchmarks" / "results" / "h100" / "align_flex.json"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 def default_gpu_rate() -> float:
