@@ -165,7 +165,8 @@ def load_model(args, attn: str = "sdpa", checkpointing: bool = False, plain: boo
         set_trainable(model, spec["trains"])
     if "lora" in spec:
         autocast = not plain and args.dtype == "bfloat16"  # the runs' Trainer autocasts to bf16, as a stage does
-        model = apply_lora(model, lora_settings(spec["lora"]), TRAINABLE["instruct"], autocast=autocast)
+        model = apply_lora(model, lora_settings(spec["lora"]), TRAINABLE["instruct"], autocast=autocast,
+                           fold_dropout=not plain)
     return model, processor, tokenizer
 
 

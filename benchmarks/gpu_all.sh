@@ -13,8 +13,9 @@
 #          same at 2 x 16 (compiled layers may hold fewer activations; halved again if 16 do not fit);
 #          6 steps x 32 / 10.5 = 18 s a path, + compilation                              (~6 min)
 #   lora   stage 2 with LoRA (llava_med_lora.yaml), batch 16 (medllava: 4 x 4): baseline, sparse,
-#          packed-flex, packed-flex-compiled, the same at 2 x 8; 6 steps x 16 / 3.1 = 31 s a path,
-#          + compilation                                                                 (~5 min)
+#          packed-flex, packed-flex at 2 x 8 (without checkpointing: does 8 fit now that the adapters keep
+#          a mask instead of a copy of their input?), packed-flex-compiled, the same at 2 x 8;
+#          6 steps x 16 / 3.1 = 31 s a path, + compilation                               (~6 min)
 #   qlora  stage 2 QLoRA (llava_med_qlora.yaml: batch 8, activation checkpointing on every path) on a random
 #          7B checkpoint loaded in 4-bit for each of baseline, sparse, grouped          (~3 min, + ~2 min
 #          to write the checkpoint once)
@@ -22,9 +23,12 @@
 #          timed on the first 32, random 7B checkpoint                                  (~3 min)
 #   data   the stage-1 input pipeline on this machine's CPU cores (demo images), 0, 2, 4 and 8 dataloader
 #          workers against the GPU's stage-1 appetite (benchmarks/bench_data.py)             (~1 min)
+#   memory one 7B decoder layer with rank-128 adapters at 4096 tokens: activation memory kept for backward,
+#          peak and time, PEFT's adapters against medllava's (benchmarks/bench_lora_memory.py)  (~1 min)
 # Full stage 2 of a 7B model does not fit one 80 GB card (bf16 weights and gradients and AdamW's float32
 # states alone take ~84 GB): benchmarks/zero3_memory.py gives its per-GPU memory under ZeRO-3.
-# Where one command may run 10 minutes at most, run one step per call (`align`, `lora`, then `qlora eval data`).
+# Where one command may run 10 minutes at most, run one step per call (`align`, `lora`, `qlora eval`, then
+# `data memory`).
 #
 # Tables go to --out DIR, else $OUT, else runs/bench-gpu (relative paths are from the repository root):
 # STEP.txt (what was printed), STEP.json (the figures and their settings), STEP.log (warnings), summary.txt
@@ -44,15 +48,13 @@ while [[ $# -gt 0 ]]; do
     case "$1" in
         --out) OUT_DIR="${2:?gpu_all.sh: --out needs a folder}"; shift 2 ;;
         --dry-run) DRY_RUN=1; shift ;;
-        align|lora|qlora|eval|data) STEPS+=("$1"); shift ;;
-        *) echo "gpu_all.sh: unknown argument '$1' (steps: align lora qlora eval data;" \
+        align|lora|qlora|eval|data|memory) STEPS+=("$1"); shift ;;
+        *) echo "gpu_all.sh: unknown argument '$1' (steps: align lora qlora eval data memory;" \
                 "options: --out DIR, --dry-run)" >&2
            exit 2 ;;
-        data) run_step data 120 "$PY" benchmarks/bench_data.py --examples 512 --workers 0,2,4,8 \
-                  --json "$OUT_DIR/data.json" ;;
     esac
 done
-[[ ${#STEPS[@]} -eq 0 ]] && STEPS=(align lora qlora eval data)
+[[ ${#STEPS[@]} -eq 0 ]] && STEPS=(align lora qlora eval data memory)
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 CHECKPOINT="${CHECKPOINT:-runs/bench-7b-random}"
 TRAIN=("$PY" benchmarks/bench_train.py --model llava-7b --device cuda --dtype bfloat16)
@@ -112,8 +114,9 @@ for step in "${STEPS[@]}"; do
                    --baseline-checkpointing \
                    --paths baseline,sparse,cached,packed-flex,packed-flex-compiled,packed-flex-compiled@16 \
                    --json "$OUT_DIR/align.json" ;;
-        lora) run_step lora 420 "${TRAIN[@]}" --stage instruct-lora --batch 16 --micro-batch 4 --steps 6 --compile \
-                  --baseline-checkpointing --paths baseline,sparse,packed-flex,packed-flex-compiled,packed-flex-compiled@8 \
+        lora) run_step lora 500 "${TRAIN[@]}" --stage instruct-lora --batch 16 --micro-batch 4 --steps 6 --compile \
+                  --baseline-checkpointing \
+                  --paths baseline,sparse,packed-flex,packed-flex@8,packed-flex-compiled,packed-flex-compiled@8 \
                   --json "$OUT_DIR/lora.json" ;;
         qlora) ensure_checkpoint
                run_step qlora 280 "$PY" benchmarks/bench_train.py --model "$CHECKPOINT" --device cuda --dtype bfloat16 \
@@ -124,6 +127,8 @@ for step in "${STEPS[@]}"; do
                   --questions 451 --batch-size 64 --max-new-tokens 32 --single-questions 32 --json "$OUT_DIR/eval.json" ;;
         data) run_step data 120 "$PY" benchmarks/bench_data.py --examples 512 --workers 0,2,4,8 \
                   --json "$OUT_DIR/data.json" ;;
+        memory) run_step memory 180 "$PY" benchmarks/bench_lora_memory.py --device cuda --tokens 4096 --repeats 20 \
+                    --json "$OUT_DIR/memory.json" ;;
     esac
 done
 [[ $DRY_RUN == 1 ]] || { echo "== summary ($OUT_DIR)"; cat "$OUT_DIR/summary.txt"; }

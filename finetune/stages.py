@@ -229,7 +229,7 @@ def compile_decoder_layers(model) -> int:
     return len(layers)
 
 
-def apply_lora(model, lora: LoraConfig, modules: tuple[str, ...], autocast: bool = False):
+def apply_lora(model, lora: LoraConfig, modules: tuple[str, ...], autocast: bool = False, fold_dropout: bool = True):
     """Wrap the language model's linear layers with LoRA adapters; other trained modules
     (the projector) are trained in full and saved with the adapter.
 
@@ -237,6 +237,10 @@ def apply_lora(model, lora: LoraConfig, modules: tuple[str, ...], autocast: bool
     runs; with `autocast` (the model trains under bf16/fp16 autocast, as Trainer's `bf16` does) the adapter
     matmuls run in half precision anyway, so that cast (a float32 copy of every adapted layer's input, and
     its dropout in float32) is skipped, as PEFT itself does for 4-bit layers under autocast.
+
+    With `fold_dropout` each adapter's dropout runs inside its `lora_A` and keeps a 1-byte mask for the
+    backward pass instead of a copy of the layer's input (finetune/lora_dropout.py): same numbers as PEFT's,
+    about two thirds less activation memory for the adapters.
     """
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
@@ -256,6 +260,10 @@ def apply_lora(model, lora: LoraConfig, modules: tuple[str, ...], autocast: bool
         for module in model.modules():
             if hasattr(module, "cast_input_dtype_enabled"):
                 module.cast_input_dtype_enabled = False
+    if fold_dropout:
+        from finetune.lora_dropout import fold_lora_dropout
+
+        fold_lora_dropout(model)
     return model
 
 

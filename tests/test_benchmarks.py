@@ -131,9 +131,11 @@ def test_gpu_all_dry_run_commands_parse(bench_train, tmp_path):
         assert int(words[1]) <= 600  # no step may outlast one 10-minute command
         script = Path(words[3]).name
         steps[name] = (script, words[4:])
-    assert list(steps) == ["align", "lora", "write-random-7b", "qlora", "eval", "data"]
+    assert list(steps) == ["align", "lora", "write-random-7b", "qlora", "eval", "data", "memory"]
     data_args = _load("bench_data").parse_args(steps["data"][1])
     assert data_args.workers == [0, 2, 4, 8] and data_args.json == out / "data.json"
+    memory_args = _load("bench_lora_memory").parse_args(steps["memory"][1])
+    assert memory_args.device == "cuda" and memory_args.json == out / "memory.json"
     expected_stages = {"align": "align", "lora": "instruct-lora", "qlora": "instruct-qlora"}
     for name, stage in expected_stages.items():
         script, argv = steps[name]
