@@ -88,8 +88,10 @@ class StageConfig:
     weight_decay: float = 0.0
     """AdamW weight decay."""
 
-    gradient_checkpointing: bool = True
-    """Recompute activations in the backward pass to save memory."""
+    gradient_checkpointing: bool | Literal["auto"] = True
+    """Recompute activations in the backward pass to save memory. `auto`: one trial forward and backward
+    pass of the stage's heaviest micro-batch decides, on the training GPU, whether it fits without (with
+    room for the optimizer's states); not under DeepSpeed."""
 
     save_steps: int = 500
     """Save a resumable checkpoint every this many optimizer steps."""

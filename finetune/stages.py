@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from finetune.config import DataConfig, LoraConfig, StageConfig
+from finetune.memory_probe import describe as describe_probe
 from finetune.trainer import (InputWait, build_trainer, complete_checkpoints, is_main_process, training_arguments,
                               world_size)
 from medllava.io import atomic_write_json, write_jsonl
@@ -69,13 +70,15 @@ def run_stage(
     set_seed(run.seed)
     if stage.lora.merge and _zero_stage(run.deepspeed) == 3:
         raise ValueError(f"stage {name}: lora.merge needs whole weights, which ZeRO-3 shards; use ZeRO-2 or merge after the run")
+    modules = tuple(stage.train_modules) or TRAINABLE[name]
+    check_speed_options(name, stage, modules, run)
+    auto_checkpointing = stage.gradient_checkpointing == "auto"
     # Arguments before the model: under ZeRO-3 they make from_pretrained load only this rank's shard.
-    args = training_arguments(stage, out_dir, run, evaluate=val_data is not None)
+    args = training_arguments(replace(stage, gradient_checkpointing=False) if auto_checkpointing else stage, out_dir,
+                              run, evaluate=val_data is not None)
     # The model before the data: the processor it brings decides tokenisation and image size.
     if stage.lora.quantize_4bit and not stage.lora.enabled:
         raise ValueError(f"stage {name}: lora.quantize_4bit needs lora.enabled (QLoRA trains adapters on a 4-bit model)")
-    modules = tuple(stage.train_modules) or TRAINABLE[name]
-    check_speed_options(name, stage, modules, run)
     if start.attn_implementation == "flex_attention":
         import torch
 
@@ -87,7 +90,7 @@ def run_stage(
     if stage.lora.quantize_4bit:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=stage.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=stage.gradient_checkpointing is True)
         set_trainable(model, modules)
     if stage.lora.enabled:
         model = apply_lora(model, stage.lora, modules, autocast=args.bf16 or args.fp16)
@@ -99,6 +102,16 @@ def run_stage(
     val_dataset = prepare_dataset(stage, processor, out_dir, data=val_data)[0] if val_data else None
     from medllava.data import Collator, supervised_loss
 
+    lengths = dataset.lengths() if stage.group_by_length or auto_checkpointing else None
+    checkpointing = {"setting": stage.gradient_checkpointing, "used": stage.gradient_checkpointing is True}
+    if auto_checkpointing:
+        result = probe_checkpointing(model, processor, dataset, lengths, stage, args)
+        checkpointing.update(used=result.checkpointing, probe=result.as_dict())
+        if result.checkpointing:
+            args = training_arguments(replace(stage, gradient_checkpointing=True), out_dir, run,
+                                      evaluate=val_data is not None)
+        if is_main_process():
+            print(f"[{name}] {describe_probe(result)}", flush=True)
     cache = _vision_cache(name, stage, model, out_dir, len(dataset))
     collator = Collator(processor.tokenizer.pad_token_id, pack=stage.packing, sparse_logits=stage.sparse_logits,
                         image_keys=cache is not None)
@@ -106,7 +119,7 @@ def run_stage(
     trainer, trace = build_trainer(
         model, processor, dataset, collator, args, out_dir, eval_dataset=val_dataset,
         loss_func=supervised_loss if stage.sparse_logits else None,
-        lengths=dataset.lengths() if stage.group_by_length else None, vision_cache=cache, input_wait=input_wait,
+        lengths=lengths if stage.group_by_length else None, vision_cache=cache, input_wait=input_wait,
     )
     accumulation = args.gradient_accumulation_steps
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -140,6 +153,7 @@ def run_stage(
         "trained_modules": list(modules),
         "lora": stage.lora.enabled,
         "input_wait": input_wait.summary(stage.dataloader_workers),
+        "activation_checkpointing": checkpointing,
     }
     if is_main_process():
         print(f"[{name}] {describe_input_wait(record['input_wait'])}", flush=True)
@@ -159,6 +173,19 @@ def run_stage(
     return record
 
 
+def probe_checkpointing(model, processor, dataset, lengths: list[int], stage: StageConfig, args):
+    """gradient_checkpointing=auto: try the heaviest micro-batch without it (finetune/memory_probe.py)."""
+    import torch
+
+    from finetune.memory_probe import probe
+    from medllava.data import Collator, supervised_loss
+
+    collator = Collator(processor.tokenizer.pad_token_id, pack=stage.packing, sparse_logits=stage.sparse_logits)
+    autocast = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+    return probe(model, dataset, collator, lengths, stage.per_device_batch_size,
+                 loss_func=supervised_loss if stage.sparse_logits else None, autocast_dtype=autocast, device=args.device)
+
+
 def describe_input_wait(wait: dict) -> str:
     """One line on how long training waited for data, with advice when input held it back."""
     line = (f"waited for data {wait['share']:.1%} of the training time ({wait['waited_s']:.1f} s of"
@@ -175,6 +202,9 @@ def check_speed_options(name: str, stage: StageConfig, modules: tuple[str, ...],
     if stage.compile_layers and stage.torch_compile:
         raise ValueError(f"stage {name}: compile_layers compiles each decoder layer and torch_compile the whole model;"
                          " turn one of them off")
+    if stage.gradient_checkpointing == "auto" and run.deepspeed:
+        raise ValueError(f"stage {name}: gradient_checkpointing=auto tries a micro-batch before DeepSpeed takes the"
+                         f" model ({run.deepspeed}); set gradient_checkpointing to true or false")
     if stage.group_by_length and stage.packing:
         raise ValueError(f"stage {name}: group_by_length shortens padding, and packed rows have none;"
                          " turn one of group_by_length and packing off")

@@ -197,7 +197,8 @@ def checkpointing_arguments(enabled: bool) -> dict:
 
 def training_arguments(stage: StageConfig, out_dir: Path, run, evaluate: bool = False):
     """TrainingArguments of one stage. Create them before the model is loaded: under DeepSpeed ZeRO-3
-    they register the config that makes `from_pretrained` load each rank's shard only."""
+    they register the config that makes `from_pretrained` load each rank's shard only. A stage whose
+    `gradient_checkpointing` is `auto` gets it off here (finetune.stages decides after a trial pass)."""
     import torch
     from transformers import TrainingArguments
 
@@ -215,7 +216,7 @@ def training_arguments(stage: StageConfig, out_dir: Path, run, evaluate: bool = 
         optim=optimizer_name(on_gpu),
         torch_compile=stage.torch_compile,
         bf16=run.bf16 and (not on_gpu or torch.cuda.is_bf16_supported()),
-        **checkpointing_arguments(stage.gradient_checkpointing),
+        **checkpointing_arguments(stage.gradient_checkpointing is True),
         save_strategy="steps",
         save_steps=stage.save_steps,
         save_total_limit=stage.save_total_limit,

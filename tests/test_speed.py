@@ -311,3 +311,73 @@ def test_the_input_wait_line_advises_only_when_input_held_training_back():
                                           " wait 0.30 s) with 4 dataloader workers")
     starved = dict(quick, waited_s=50.0, share=0.25)
     assert "held training back: raise this stage's dataloader_workers" in describe_input_wait(starved)
+
+
+def test_auto_checkpointing_tries_the_heaviest_micro_batch_and_trains_as_without(mixed, tmp_path, tiny):
+    # On a CPU the trial pass only shows the step runs: checkpointing stays off, and the run trains exactly
+    # as one configured without checkpointing (the trial leaves no gradients behind).
+    losses, records = {}, {}
+    for setting in (False, "auto"):
+        out = tmp_path / str(setting)
+        stage = align_stage(mixed, epochs=1, max_steps=3, save_steps=3, logging_steps=1, gradient_checkpointing=setting,
+                            group_by_length=False, cache_vision_features="none", packing=True)
+        records[setting] = run_stage("align", stage, ModelConfig(), RUN, out)
+        state = json.loads((out / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
+        losses[setting] = [row["loss"] for row in state["log_history"] if "loss" in row]
+    assert losses["auto"] == losses[False] and len(losses["auto"]) == 3
+    assert records[False]["activation_checkpointing"] == {"setting": False, "used": False}
+    auto = records["auto"]["activation_checkpointing"]
+    assert auto["setting"] == "auto" and auto["used"] is False and "CPU" in auto["probe"]["reason"]
+    lengths = encoded_lengths(mixed, tiny[1])
+    assert auto["probe"]["examples"] == 1  # packed: the 2 longest examples in one row
+    assert auto["probe"]["tokens"] == sum(sorted(lengths.values())[-2:])
+
+
+def test_auto_checkpointing_turns_on_when_the_trial_runs_out_of_memory(mixed, tmp_path, monkeypatch, capsys):
+    from finetune import memory_probe, stages
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    seen = {}
+    build = stages.build_trainer
+
+    def spy(model, processor, dataset, collator, args, *rest, **kw):
+        seen["model"], seen["args"] = model, args
+        return build(model, processor, dataset, collator, args, *rest, **kw)
+
+    monkeypatch.setattr(memory_probe, "_forward_backward", out_of_memory)
+    monkeypatch.setattr(stages, "build_trainer", spy)
+    stage = align_stage(mixed, epochs=1, max_steps=2, save_steps=2, gradient_checkpointing="auto",
+                        group_by_length=False, cache_vision_features="none")
+    record = run_stage("align", stage, ModelConfig(), RUN, tmp_path / "align")
+    assert record["activation_checkpointing"]["used"] is True and record["steps"] == 2
+    assert "ran out of memory" in record["activation_checkpointing"]["probe"]["reason"]
+    assert "activation checkpointing on (auto): the heaviest micro-batch ran out of memory" in capsys.readouterr().out
+    model = seen["model"]  # the Trainer turned checkpointing on from the rebuilt arguments
+    assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+
+
+def test_auto_checkpointing_keeps_room_for_the_optimizer_and_picks_the_longest():
+    from finetune.memory_probe import HEADROOM, fits, heaviest, optimizer_state_bytes
+
+    gib = 2**30
+    assert fits(60 * gib, 8 * gib, 80 * gib) and not fits(70 * gib, 8 * gib, 80 * gib)
+    assert fits(int(HEADROOM * 80 * gib), 0, 80 * gib) and not fits(int(HEADROOM * 80 * gib) + 1, 0, 80 * gib)
+    assert heaviest([5, 9, 1, 9, 7], 3) == [1, 3, 4]
+    layer = torch.nn.Linear(4, 3)  # 15 float32 parameters: two AdamW moments of 4 bytes each
+    assert optimizer_state_bytes(layer) == 15 * 8
+    layer.bias.requires_grad_(False)
+    assert optimizer_state_bytes(layer) == 12 * 8
+
+
+def test_auto_checkpointing_is_refused_under_deepspeed_and_a_wrong_word_is_named():
+    from medllava.config import ConfigError
+
+    deepspeed = RunSettings(deepspeed=str(REPO / "finetune/configs/zero2.json"))
+    with pytest.raises(ValueError, match="gradient_checkpointing=auto tries a micro-batch before DeepSpeed"):
+        check_speed_options("instruct", from_dict(StageConfig, {"gradient_checkpointing": "auto"}), ("language_model",),
+                            deepspeed)
+    with pytest.raises(ConfigError, match="gradient_checkpointing"):
+        from_dict(StageConfig, {"gradient_checkpointing": "sometimes"})
+    assert from_dict(StageConfig, {"gradient_checkpointing": "false"}).gradient_checkpointing is False
