@@ -202,7 +202,6 @@ def supervised_loss(outputs, labels, num_items_in_batch=None, chunk: int = LOSS_
     of the logits and its log-softmax exist for one chunk at a time, never for all of them (with
     LLaMA's 32K vocabulary, 8 GB for 64K supervised tokens; 4x that for a 128K vocabulary).
     """
-    import torch
     from torch.utils.checkpoint import checkpoint
 
     positions = supervised_positions(labels)
