@@ -108,7 +108,9 @@ def probe(model, dataset, collator, lengths: list[int], micro_batch: int, loss_f
         gc.collect()
         if on_gpu:
             torch.cuda.empty_cache()
-    result.checkpointing = _any_rank(result.checkpointing, device)
+    if _any_rank(result.checkpointing, device) and not result.checkpointing:
+        result.checkpointing = True
+        result.reason += ", but another process's does not"
     return result
 
 

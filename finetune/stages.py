@@ -270,7 +270,7 @@ def apply_lora(model, lora: LoraConfig, modules: tuple[str, ...], autocast: bool
 
     With `fold_dropout` each adapter's dropout runs inside its `lora_A` and keeps a 1-byte mask for the
     backward pass instead of a copy of the layer's input (finetune/lora_dropout.py): same numbers as PEFT's,
-    about two thirds less activation memory for the adapters.
+    about half the activation memory the adapters add (a 7B layer keeps 203 KiB per token instead of 270).
     """
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
