@@ -27,8 +27,8 @@
 #          peak and time, PEFT's adapters against medllava's (benchmarks/bench_lora_memory.py)  (~1 min)
 # Full stage 2 of a 7B model does not fit one 80 GB card (bf16 weights and gradients and AdamW's float32
 # states alone take ~84 GB): benchmarks/zero3_memory.py gives its per-GPU memory under ZeRO-3.
-# Where one command may run 10 minutes at most, run one step per call (`align`, `lora`, `qlora eval`, then
-# `data memory`).
+# Where one command may run 10 minutes at most, run one step per call: `align`, `lora`, `data memory`, then
+# `qlora eval` (the last two already met their goals on an H100).
 #
 # Tables go to --out DIR, else $OUT, else runs/bench-gpu (relative paths are from the repository root):
 # STEP.txt (what was printed), STEP.json (the figures and their settings), STEP.log (warnings), summary.txt
