@@ -92,6 +92,14 @@ def layer_parts(model):
     return lm.layers[0], lm.rotary_emb
 
 
+def forward(layer, rotary, hidden: torch.Tensor) -> torch.Tensor:
+    """The decoder layer on `hidden` (causal, positions 0..n-1) under bf16 autocast, as training runs it."""
+    positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
+    with torch.autocast(hidden.device.type, dtype=torch.bfloat16):
+        out = layer(hidden, position_embeddings=rotary(hidden, positions), position_ids=positions)
+    return out[0] if isinstance(out, tuple) else out
+
+
 def kept_bytes(layer, rotary, hidden: torch.Tensor, params: set[int]) -> int:
     """Bytes of the storages autograd saves inside `layer` for backward (parameters excluded)."""
     seen: dict[int, int] = {}
@@ -102,12 +110,8 @@ def kept_bytes(layer, rotary, hidden: torch.Tensor, params: set[int]) -> int:
             seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
         return t
 
-    positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
-    with torch.autocast(hidden.device.type, dtype=torch.bfloat16):
-        cos_sin = rotary(hidden, positions)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = layer(hidden, position_embeddings=cos_sin, position_ids=positions)
-    del out
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward(layer, rotary, hidden)
     # The layer's input is the previous layer's output, kept by whoever made it: not this layer's cost.
     seen.pop(hidden.untyped_storage().data_ptr(), None)
     return sum(seen.values())
@@ -115,12 +119,9 @@ def kept_bytes(layer, rotary, hidden: torch.Tensor, params: set[int]) -> int:
 
 def step(layer, rotary, hidden: torch.Tensor, seed: int):
     """Forward + backward from a fixed random state; returns the output and the gradients."""
-    positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
     hidden = hidden.detach().requires_grad_()
     torch.manual_seed(seed)
-    with torch.autocast(hidden.device.type, dtype=torch.bfloat16):
-        out = layer(hidden, position_embeddings=rotary(hidden, positions), position_ids=positions)
-    out = out[0] if isinstance(out, tuple) else out
+    out = forward(layer, rotary, hidden)
     out.backward(torch.ones_like(out) / out.numel() ** 0.5)
     grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
     grads["input"] = hidden.grad
@@ -162,25 +163,21 @@ def measure_row(args, row: str) -> dict:
 
 
 def measure(args) -> dict:
+    from benchmarks.shapes import shape_config
+
     results = {row: measure_row(args, row) for row in ROWS}
     out, grads = results["medllava"].pop("step")
     ref_out, ref_grads = results["PEFT, no input cast"].pop("step")
     results["PEFT default"].pop("step")
     same = torch.equal(out, ref_out) and grads.keys() == ref_grads.keys() and all(
         torch.equal(grads[k], ref_grads[k]) for k in grads)
-    layers = {"llava-7b": 32}.get(args.shape) or _layers(args.shape)
+    layers = shape_config(args.shape).text_config.num_hidden_layers
     plain = results["PEFT default"]["kept_bytes_per_token"]
     for row in results.values():
         row["kept_mib_per_token_all_layers"] = row["kept_bytes_per_token"] * layers / 2**20
         row["vs_plain"] = row["kept_bytes_per_token"] / plain
     return {"shape": args.shape, "device": args.device, "dtype": args.dtype, "tokens": args.tokens,
             "layers": layers, "lora": "llava_med_lora.yaml", "same_grads": same, "rows": results}
-
-
-def _layers(shape: str) -> int:
-    from benchmarks.shapes import shape_config
-
-    return shape_config(shape).text_config.num_hidden_layers
 
 
 def report(result: dict) -> str:
