@@ -226,6 +226,9 @@ def training_arguments(stage: StageConfig, out_dir: Path, run, evaluate: bool = 
         seed=run.seed,
         data_seed=run.seed,
         dataloader_num_workers=stage.dataloader_workers,
+        # Workers live for the whole run: started afresh each epoch, they cost a wait per epoch, which
+        # on a small in-house set trained for many epochs is a good part of every epoch.
+        dataloader_persistent_workers=stage.dataloader_workers > 0,
         remove_unused_columns=False,
         deepspeed=run.deepspeed,
         ddp_backend="gloo" if world_size() > 1 and not on_gpu else None,
