@@ -73,8 +73,9 @@ def probe(model, dataset, collator, lengths: list[int], micro_batch: int, loss_f
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     chosen = heaviest(lengths, micro_batch)
     batch = collator([dataset[i] for i in chosen])
-    batch.pop("example_ids", None), batch.pop("skipped", None)
-    examples, tokens = int(batch["input_ids"].shape[0]), int(batch["input_ids"].numel())
+    examples = len(batch.pop("example_ids"))  # packed, they are one row
+    batch.pop("skipped", None)
+    tokens = int(batch["input_ids"].numel())
     if getattr(model, "hf_quantizer", None) is None and not getattr(model, "is_loaded_in_4bit", False):
         model.to(device)  # where the Trainer would put it; a 4-bit model was loaded onto its device already
     on_gpu = device.type == "cuda"
