@@ -13,7 +13,7 @@ from pathlib import Path
 
 from medllava.model import num_image_tokens
 from medllava.records import image_paths
-from medllava.templates import IGNORE_INDEX, TooLongError, encode_conversation
+from medllava.templates import IGNORE_INDEX, TooLongError, UnusableConversation, encode_conversation
 
 
 class SkipExample(Exception):
@@ -60,6 +60,8 @@ class Encoder:
             )
         except TooLongError as e:
             raise SkipExample("too long", f"record {record['id']}: {e}") from None
+        except UnusableConversation as e:
+            raise SkipExample("unusable conversation", f"record {record['id']}: {e}") from None
         if images:
             enc["pixel_values"] = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
             enc["image_keys"] = keys

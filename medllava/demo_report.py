@@ -98,7 +98,8 @@ def write_report(work: Path, seconds: float) -> Path:
         done = stage_dir / "stage_complete.json"
         if done.is_file():
             r = json.loads(done.read_text())
-            skipped = sum(r.get("skipped_in_batches", {}).values()) + r["data"]["records_invalid"] + r["data"]["missing_images"]
+            before = r["data"]["records_invalid"] + r["data"].get("unusable_for_template", 0) + r["data"]["missing_images"]
+            skipped = sum(r.get("skipped_in_batches", {}).values()) + before
             lines.append(f"| {name} | {r['steps']} | {r['train_loss']:.3f} | {r['examples']} | {skipped} |")
         curves[name] = _losses(stage_dir)
     _plot_losses(curves, work / "report_losses.png")

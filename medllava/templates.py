@@ -44,6 +44,18 @@ def _image_first(value: str) -> str:
     return IMAGE_PLACEHOLDER + "\n" + value.replace(IMAGE_PLACEHOLDER, "").strip()
 
 
+class UnusableConversation(ValueError):
+    """A record whose turns the chosen template cannot render (e.g. several rounds under `plain`)."""
+
+
+def template_problem(turns: list[dict], template: str) -> str | None:
+    """Why `template` cannot render `turns`, or None when it can: a per-record check, cheap enough to
+    run over a whole data set before training."""
+    if template == "plain" and len(turns) > 2:
+        return f"template 'plain' takes one human and one gpt turn, got {len(turns)} turns"
+    return None
+
+
 class _Builder:
     """Accumulates text and the spans of assistant content."""
 
@@ -100,8 +112,8 @@ def render(
             else:
                 b.add(" " + t["value"] + " " + eos, supervised=True)  # the space too, as for vicuna_v1
     elif template == "plain":
-        if len(turns) > 2:
-            raise ValueError(f"template 'plain' takes one human and one gpt turn, got {len(turns)} turns")
+        if problem := template_problem(turns, template):
+            raise UnusableConversation(problem)
         for t in turns:
             if t["from"] == HUMAN:
                 # Stage-1 alignment: only the image conditions the caption.

@@ -288,6 +288,30 @@ def test_compiled_decoder_layers_train_lora_to_the_same_losses(tmp_path):
                                                                                  torch_compile=True))), ["instruct"])
 
 
+def test_conversations_the_template_cannot_render_are_skipped_before_training(tmp_path):
+    # LLaVA's stage-1 format takes one question and one caption; a several-round record under it is one
+    # bad record of the set, counted and listed, not the end of the run. A set with no usable record at
+    # all is a configuration mistake, named before any model time is spent.
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()][:5]
+    for row in rows[:3]:
+        row["conversations"] = row["conversations"][:2]
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plain = stage(data, max_steps=-1, epochs=1, global_batch_size=4, per_device_batch_size=4)
+    plain["data"]["template"] = "plain"
+    record = run_adapt(from_dict(AdaptConfig, config(tmp_path / "run", align=plain)), ["align"])["align"]
+    out = tmp_path / "run" / "align"
+    assert record["data"]["unusable_for_template"] == 2 and record["examples"] == 3
+    listed = [json.loads(line) for line in (out / "skipped_mixed.jsonl").read_text().splitlines()]
+    assert [r["reason"] for r in listed] == ["unusable conversation"] * 2
+    assert all("takes one human and one gpt turn, got 8 turns" in r["detail"] for r in listed)
+    assert f"record {rows[3]['id']}" in listed[0]["detail"] and "mixed.jsonl" in listed[0]["detail"]
+    assert sorted(read_trace(out / "data_order.jsonl")[1]) == sorted(r["id"] for r in rows[:3])
+    plain["data"]["path"] = str(DATA)
+    with pytest.raises(ValueError, match=r"no usable examples(.|\n)*9 unusable with template plain"):
+        run_adapt(from_dict(AdaptConfig, config(tmp_path / "all", align=plain)), ["align"])
+
+
 def test_bad_records_and_images_are_skipped_counted_and_listed(tmp_path):
     import shutil
 

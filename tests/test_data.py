@@ -65,6 +65,17 @@ def test_skipped_examples_travel_with_the_batch(tiny):
         assert batch["pixel_values"].shape[0] == 2
 
 
+def test_a_conversation_the_template_cannot_render_is_skipped_with_its_record_named(tiny):
+    _, processor = tiny
+    one_round, several = [json.loads(line) for line in DATA.read_text().splitlines()][:2]
+    one_round = dict(one_round, conversations=one_round["conversations"][:2])
+    dataset = EncodedDataset([one_round, several], Encoder(processor, template="plain", image_root=IMAGES))
+    batch = Collator(processor.tokenizer.pad_token_id)([dataset[0], dataset[1]])
+    assert batch["example_ids"] == [one_round["id"]]
+    [(reason, detail)] = batch["skipped"]
+    assert reason == "unusable conversation" and detail.startswith(f"record {several['id']}: template 'plain'")
+
+
 @pytest.mark.parametrize("pack", [False, True])
 def test_sparse_logits_give_the_models_own_loss_and_gradients(trained_like, pack):
     import copy
