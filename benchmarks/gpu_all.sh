@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_all.sh [--out DIR] [--dry-run] [STEP ...]
 #
-# STEPs, in order (default: all of them, about 20 minutes on one H100). Estimates from measured H100 rates
+# STEPs, in order (default: all of them, about 30 minutes on one H100). Estimates from measured H100 rates
 # (stage 1 baseline 10.5 samples/s at batch 32, stage 2 LoRA 3.1 samples/s at batch 16, eval 3.1 questions/s
 # batched), the baseline being the slowest path, plus ~15 s to build each path's model. The baseline is the
 # plain way at the settings (one forward pass per batch, activation checkpointing to fit it);
@@ -25,10 +25,15 @@
 #          workers against the GPU's stage-1 appetite (benchmarks/bench_data.py)             (~1 min)
 #   memory one 7B decoder layer with rank-128 adapters at 4096 tokens: activation memory kept for backward,
 #          peak and time, PEFT's adapters against medllava's (benchmarks/bench_lora_memory.py)  (~1 min)
+#   adapt  a real `medllava adapt` with llava_med_lora.yaml as shipped (compiled layers, packed under flex,
+#          gradient_checkpointing auto) from the random 7B checkpoint, on the demo conversations (9 examples,
+#          40 epochs of stage 1 and 30 of stage 2, vicuna_v1 in both: plain takes one round): the whole
+#          command, its memory probe and its wait for data. Needs `datasets` on the machine (its wheels may be
+#          carried in .wheels/). Run again after a timeout: a finished stage is not redone (~6-9 min)
 # Full stage 2 of a 7B model does not fit one 80 GB card (bf16 weights and gradients and AdamW's float32
 # states alone take ~84 GB): benchmarks/zero3_memory.py gives its per-GPU memory under ZeRO-3.
-# Where one command may run 10 minutes at most, run one step per call: `align`, `lora`, `data memory`, then
-# `qlora eval` (the last two already met their goals on an H100).
+# Where one command may run 10 minutes at most, run one step per call: `align`, `lora`, `data memory`,
+# `qlora eval`, then `adapt`.
 #
 # Tables go to --out DIR, else $OUT, else runs/bench-gpu (relative paths are from the repository root):
 # STEP.txt (what was printed), STEP.json (the figures and their settings), STEP.log (warnings), summary.txt
@@ -48,13 +53,13 @@ while [[ $# -gt 0 ]]; do
     case "$1" in
         --out) OUT_DIR="${2:?gpu_all.sh: --out needs a folder}"; shift 2 ;;
         --dry-run) DRY_RUN=1; shift ;;
-        align|lora|qlora|eval|data|memory) STEPS+=("$1"); shift ;;
-        *) echo "gpu_all.sh: unknown argument '$1' (steps: align lora qlora eval data memory;" \
+        align|lora|qlora|eval|data|memory|adapt) STEPS+=("$1"); shift ;;
+        *) echo "gpu_all.sh: unknown argument '$1' (steps: align lora qlora eval data memory adapt;" \
                 "options: --out DIR, --dry-run)" >&2
            exit 2 ;;
     esac
 done
-[[ ${#STEPS[@]} -eq 0 ]] && STEPS=(align lora qlora eval data memory)
+[[ ${#STEPS[@]} -eq 0 ]] && STEPS=(align lora qlora eval data memory adapt)
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 CHECKPOINT="${CHECKPOINT:-runs/bench-7b-random}"
 TRAIN=("$PY" benchmarks/bench_train.py --model llava-7b --device cuda --dtype bfloat16)
@@ -129,6 +134,18 @@ for step in "${STEPS[@]}"; do
                   --json "$OUT_DIR/data.json" ;;
         memory) run_step memory 180 "$PY" benchmarks/bench_lora_memory.py --device cuda --tokens 4096 --repeats 20 \
                     --json "$OUT_DIR/memory.json" ;;
+        adapt) ensure_checkpoint
+               demo=medllava/assets/demo
+               run_step adapt 560 "$PY" -m medllava.cli adapt --config finetune/configs/llava_med_lora.yaml \
+                   run_dir=runs/bench-adapt model.name_or_path="$CHECKPOINT" "report_to=[none]" \
+                   align.data.path=$demo/conversations.jsonl align.data.image_root=$demo/images \
+                   align.data.template=vicuna_v1 align.epochs=40 align.global_batch_size=32 \
+                   instruct.data.path=$demo/conversations.jsonl instruct.data.image_root=$demo/images \
+                   instruct.epochs=30 instruct.global_batch_size=16
+               for stage in align instruct; do  # each stage's record: steps, probe, wait for data
+                   [[ -f runs/bench-adapt/$stage/stage_complete.json ]] &&
+                       cp runs/bench-adapt/$stage/stage_complete.json "$OUT_DIR/adapt_$stage.json"
+               done ;;
     esac
 done
 [[ $DRY_RUN == 1 ]] || { echo "== summary ($OUT_DIR)"; cat "$OUT_DIR/summary.txt"; }

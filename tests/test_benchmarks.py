@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from finetune.config import AdaptConfig
+from medllava.config import load_config
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -129,9 +132,15 @@ def test_gpu_all_dry_run_commands_parse(bench_train, tmp_path):
         if words[:1] != ["timeout"] or name.startswith("install-"):  # wheels carried in .wheels/, if any
             continue
         assert int(words[1]) <= 600  # no step may outlast one 10-minute command
-        script = Path(words[3]).name
-        steps[name] = (script, words[4:])
-    assert list(steps) == ["align", "lora", "write-random-7b", "qlora", "eval", "data", "memory"]
+        script = words[4] if words[3] == "-m" else Path(words[3]).name
+        steps[name] = (script, words[5:] if words[3] == "-m" else words[4:])
+    assert list(steps) == ["align", "lora", "write-random-7b", "qlora", "eval", "data", "memory", "adapt"]
+    script, argv = steps["adapt"]
+    assert script == "medllava.cli" and argv[:3] == ["adapt", "--config", "finetune/configs/llava_med_lora.yaml"]
+    adapt = load_config(AdaptConfig, REPO / argv[2], argv[3:])  # the shipped config, as the step overrides it
+    assert adapt.model.name_or_path == "runs/bench-7b-random" and adapt.report_to == ["none"]
+    for stage in (adapt.align, adapt.instruct):
+        assert (REPO / stage.data.path).is_file() and stage.compile_layers and stage.gradient_checkpointing == "auto"
     data_args = _load("bench_data").parse_args(steps["data"][1])
     assert data_args.workers == [0, 2, 4, 8] and data_args.json == out / "data.json"
     memory_args = _load("bench_lora_memory").parse_args(steps["memory"][1])
