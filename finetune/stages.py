@@ -2,7 +2,7 @@
 data, train (resuming if a checkpoint exists), save, mark the stage done.
 
 Stage folder layout (`<run_dir>/<stage>/`):
-    checkpoints/checkpoint-N/   resumable Trainer checkpoints (with a completion marker)
+    checkpoints/checkpoint-N/   resumable Trainer checkpoints (with a completion marker; trained weights only)
     model/                      full llava-hf checkpoint (stage 2 with LoRA: only if merge is on)
     adapter/                    LoRA adapter (+ projector) when LoRA is on
     projector.safetensors       the projector alone (stage 1), small enough to share

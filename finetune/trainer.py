@@ -5,7 +5,10 @@ Trainer whose only addition is bookkeeping: each batch carries the ids of its ex
 (missing or unreadable images, too long); the trainer strips them before the forward pass, records
 which examples every optimizer step saw (`data_order.jsonl`, written by rank 0 with every rank's
 shard), and counts what was skipped. Checkpoints get a completion marker once the Trainer's save
-has returned, so a run killed mid-save never resumes from a half-written checkpoint.
+has returned, so a run killed mid-save never resumes from a half-written checkpoint. Without PEFT or
+DeepSpeed (which keep their own formats), a checkpoint's weights are the trained parameters only
+(`trained_weights.safetensors`, under the model's own names), loaded back exactly on resume and when
+the best checkpoint is restored; the frozen ones come from the start checkpoint, as they did.
 
 With an evaluation set (task heads with a validation split), the model is evaluated at every save
 and the checkpoint with the lowest validation loss is the one loaded at the end of training.
@@ -35,6 +38,7 @@ from medllava.io import JsonlLog, atomic_write_json
 log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "checkpoint_complete.json"
+TRAINED_WEIGHTS = "trained_weights.safetensors"
 
 
 def world_size() -> int:
@@ -71,6 +75,35 @@ def complete_checkpoints(folder: Path) -> list[Path]:
             log.warning("removing incomplete checkpoint %s (the run was stopped while saving it)", path)
             shutil.rmtree(path, ignore_errors=True)
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def trained_state(model) -> dict:
+    """The parameters `model` trains, under its own state-dict names (detached, contiguous)."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if k in names}
+
+
+def save_trained_state(model, folder: str | Path) -> None:
+    """Write the trained parameters of `model` to `folder/trained_weights.safetensors`: a checkpoint
+    needs no copy of the frozen ones, which the run rebuilds from its start checkpoint."""
+    from safetensors.torch import save_file
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    save_file(trained_state(model), str(Path(folder) / TRAINED_WEIGHTS), metadata={"format": "pt"})
+
+
+def load_trained_state(model, path: Path) -> None:
+    """Load weights written by `save_trained_state` into `model`, which must train exactly those."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path), device="cpu")
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(state) != expected:
+        extra, absent = sorted(set(state) - expected), sorted(expected - set(state))
+        raise ValueError(f"{path}: the checkpoint's trained weights do not match what this run trains"
+                         f" (in the checkpoint only: {extra[:3]}; trained but not in it: {absent[:3]})")
+    result = model.load_state_dict(state, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys  # names were checked against the model's own
 
 
 class StepTrace:
@@ -289,6 +322,41 @@ def build_trainer(model, processor, train_dataset, collator, args, out_dir: Path
                 atomic_write_json(ckpt / COMPLETE_MARKER, {"global_step": state.global_step})
 
     class TracingTrainer(Trainer):
+        # Checkpoints of a model trained without PEFT or DeepSpeed hold only its trained weights, under the
+        # model's own names. The Trainer's save_pretrained writes transformers' checkpoint names, which its
+        # resume loads with strict=False into a model whose names differ (LLaVA's `model.` prefix): nothing
+        # was loaded, and a resumed run went on from its start weights. Stage 1 also saved the whole 7B model
+        # (14 GB) to keep a 40 MB projector. PEFT adapters and DeepSpeed keep their own formats.
+        _checkpointing = False
+
+        def _own_checkpoint_format(self) -> bool:
+            return not self.is_deepspeed_enabled and not _is_peft(self.model)
+
+        def _save_checkpoint(self, model, trial):
+            self._checkpointing = True
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._checkpointing = False
+
+        def _save(self, output_dir=None, state_dict=None):
+            if not (self._checkpointing and state_dict is None and self._own_checkpoint_format()):
+                return super()._save(output_dir, state_dict)
+            if self.args.should_save:
+                save_trained_state(self.accelerator.unwrap_model(self.model, keep_torch_compile=False), output_dir)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            path = Path(resume_from_checkpoint) / TRAINED_WEIGHTS
+            if not path.is_file():
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            load_trained_state(self.accelerator.unwrap_model(model or self.model, keep_torch_compile=False), path)
+
+        def _load_best_model(self):
+            path = Path(self.state.best_model_checkpoint) / TRAINED_WEIGHTS
+            if not path.is_file():
+                return super()._load_best_model()
+            load_trained_state(self.accelerator.unwrap_model(self.model, keep_torch_compile=False), path)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             ids, skipped = inputs.pop("example_ids"), inputs.pop("skipped")
             image_keys = inputs.pop("image_keys", None)
@@ -334,6 +402,14 @@ def build_trainer(model, processor, train_dataset, collator, args, out_dir: Path
         callbacks=[Bookkeeping()],
     )
     return trainer, trace
+
+
+def _is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
 
 
 def _evaluation_arguments(stage: StageConfig, evaluate: bool) -> dict:

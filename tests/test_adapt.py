@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -161,6 +162,33 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
     assert order == read_trace(tmp_path / "ref" / "instruct" / "data_order.jsonl") and len(order) == 24
     a, b = weights(tmp_path / "killed" / "instruct" / "model"), weights(tmp_path / "ref" / "instruct" / "model")
     assert all(torch.allclose(a[n], b[n], atol=1e-5) for n in a)
+
+
+@pytest.mark.parametrize("name", ["align", "instruct"])
+def test_a_resumed_stage_goes_on_from_its_checkpoints_weights(tmp_path, name):
+    # Stop a 6-step run after its step-3 checkpoint (here: remove what came after it) and run it again: it
+    # must end with the weights of the uninterrupted run, so step 3's weights were really loaded. The
+    # checkpoint keeps only what the stage trains (stage 1: the projector), under the model's own names.
+    six = stage(max_steps=6, save_steps=3, learning_rate=1e-2, warmup_ratio=0.0)
+    runs = {}
+    for run in ("ref", "resumed"):
+        runs[run] = from_dict(AdaptConfig, config(tmp_path / run, **{name: six}))
+        run_adapt(runs[run], [name])
+    out = tmp_path / "resumed" / name
+    kept = load_file(str(out / "checkpoints" / "checkpoint-3" / "trained_weights.safetensors"))
+    model, _ = build_model(ModelConfig(name_or_path="tiny"))
+    if name == "align":
+        assert sorted(kept) == sorted(n for n in model.state_dict() if ".multi_modal_projector." in n)
+    else:
+        assert not any(".vision_tower." in n for n in kept) and any(".language_model." in n for n in kept)
+    assert not (out / "checkpoints" / "checkpoint-3" / "model.safetensors").exists()
+    for path in (out / "stage_complete.json", out / "model", out / "checkpoints" / "checkpoint-6"):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    record = run_adapt(runs["resumed"], [name])[name]
+    assert record["steps"] == 6
+    a, b = weights(out / "model"), weights(tmp_path / "ref" / name / "model")
+    changed = [n for n in a if not torch.equal(a[n], model.state_dict()[n])]
+    assert changed and all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
 
 
 def free_port() -> int:

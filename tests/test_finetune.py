@@ -202,6 +202,28 @@ def test_a_validation_split_keeps_the_best_checkpoint(tiny_checkpoint, tmp_path)
     assert read_head_info(record["head"]).metrics["val_loss"] == min(losses.values())
 
 
+def test_a_full_head_with_a_validation_split_ends_with_its_best_checkpoints_weights(tiny_checkpoint, tmp_path):
+    # A full head's checkpoints keep its trained weights under the model's own names; the best by
+    # validation loss is loaded at the end. Too high a learning rate makes the last checkpoint not the best.
+    rows = [{"image": str(p), "question": f"Is case {i} normal?", "answer": "yes" if i % 2 else "no",
+             "patient_id": f"P{i // 2}"} for i, p in enumerate(sorted(IMAGES.iterdir()) * 4)]
+    (tmp_path / "cases.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    make_split(tmp_path / "cases.jsonl", tmp_path / "cases", val=0.25, test=0.1, seed=0)
+    cfg = config(tmp_path / "inhouse", tiny_checkpoint, tmp_path / "cases", head={"full": True},
+                 task={"name": "inhouse", "val_split": "validation"},
+                 train={"max_steps": 6, "save_steps": 2, "learning_rate": 0.5, "lora": {"enabled": False}})
+    record = run_finetune(cfg)
+    losses = dict(record["validation"]["eval_losses"])
+    best = Path(record["validation"]["best_checkpoint"])
+    assert best.name == f"checkpoint-{min(losses, key=losses.get)}" != "checkpoint-6"
+    kept = load_file(str(best / "trained_weights.safetensors"))
+    last = load_file(str(best.parent / "checkpoint-6" / "trained_weights.safetensors"))
+    model, _ = build_model(ModelConfig(name_or_path=record["head"]))
+    saved = model.state_dict()
+    assert kept and all(torch.equal(saved[k], kept[k]) for k in kept)
+    assert not all(torch.equal(saved[k], last[k]) for k in last)
+
+
 def test_a_rerun_resumes_and_another_config_in_the_same_folder_is_refused(trained, tiny_checkpoint, vqa_root):
     cfg, record, _, _ = trained
     adapter = Path(cfg.run_dir) / "train" / "adapter" / "adapter_model.safetensors"
