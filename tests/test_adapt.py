@@ -164,20 +164,25 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
     assert all(torch.allclose(a[n], b[n], atol=1e-5) for n in a)
 
 
-@pytest.mark.parametrize("name", ["align", "instruct"])
-def test_a_resumed_stage_goes_on_from_its_checkpoints_weights(tmp_path, name):
+@pytest.mark.parametrize("name,lora", [("align", False), ("instruct", False), ("instruct", True)])
+def test_a_resumed_stage_goes_on_from_its_checkpoints_weights(tmp_path, name, lora):
     # Stop a 6-step run after its step-3 checkpoint (here: remove what came after it) and run it again: it
     # must end with the weights of the uninterrupted run, so step 3's weights were really loaded. The
-    # checkpoint keeps only what the stage trains (stage 1: the projector), under the model's own names.
-    six = stage(max_steps=6, save_steps=3, learning_rate=1e-2, warmup_ratio=0.0)
+    # checkpoint keeps only what the stage trains (stage 1: the projector), under the model's own names;
+    # a LoRA stage keeps PEFT's adapter format.
+    six = stage(max_steps=6, save_steps=3, learning_rate=1e-2, warmup_ratio=0.0,
+                lora={"enabled": lora, "r": 4, "alpha": 8, "dropout": 0.0, "merge": True})
     runs = {}
     for run in ("ref", "resumed"):
         runs[run] = from_dict(AdaptConfig, config(tmp_path / run, **{name: six}))
         run_adapt(runs[run], [name])
     out = tmp_path / "resumed" / name
-    kept = load_file(str(out / "checkpoints" / "checkpoint-3" / "trained_weights.safetensors"))
     model, _ = build_model(ModelConfig(name_or_path="tiny"))
-    if name == "align":
+    kept = load_file(str(out / "checkpoints" / "checkpoint-3" / ("adapter_model.safetensors" if lora
+                                                                  else "trained_weights.safetensors")))
+    if lora:
+        assert any("lora_A" in n for n in kept)
+    elif name == "align":
         assert sorted(kept) == sorted(n for n in model.state_dict() if ".multi_modal_projector." in n)
     else:
         assert not any(".vision_tower." in n for n in kept) and any(".language_model." in n for n in kept)
