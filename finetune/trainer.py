@@ -77,9 +77,13 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
+def trained_names(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
 def trained_state(model) -> dict:
     """The parameters `model` trains, under its own state-dict names (detached, contiguous)."""
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    names = trained_names(model)
     return {k: v.detach().contiguous() for k, v in model.state_dict().items() if k in names}
 
 
@@ -97,7 +101,7 @@ def load_trained_state(model, path: Path) -> None:
     from safetensors.torch import load_file
 
     state = load_file(str(path), device="cpu")
-    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = trained_names(model)
     if set(state) != expected:
         extra, absent = sorted(set(state) - expected), sorted(expected - set(state))
         raise ValueError(f"{path}: the checkpoint's trained weights do not match what this run trains"
@@ -345,17 +349,19 @@ def build_trainer(model, processor, train_dataset, collator, args, out_dir: Path
             if self.args.should_save:
                 save_trained_state(self.accelerator.unwrap_model(self.model, keep_torch_compile=False), output_dir)
 
+        def _load_own_format(self, folder, model=None) -> bool:
+            path = Path(folder) / TRAINED_WEIGHTS
+            if path.is_file():
+                load_trained_state(self.accelerator.unwrap_model(model or self.model, keep_torch_compile=False), path)
+            return path.is_file()
+
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-            path = Path(resume_from_checkpoint) / TRAINED_WEIGHTS
-            if not path.is_file():
-                return super()._load_from_checkpoint(resume_from_checkpoint, model)
-            load_trained_state(self.accelerator.unwrap_model(model or self.model, keep_torch_compile=False), path)
+            if not self._load_own_format(resume_from_checkpoint, model):
+                super()._load_from_checkpoint(resume_from_checkpoint, model)
 
         def _load_best_model(self):
-            path = Path(self.state.best_model_checkpoint) / TRAINED_WEIGHTS
-            if not path.is_file():
-                return super()._load_best_model()
-            load_trained_state(self.accelerator.unwrap_model(self.model, keep_torch_compile=False), path)
+            if not self._load_own_format(self.state.best_model_checkpoint):
+                super()._load_best_model()
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             ids, skipped = inputs.pop("example_ids"), inputs.pop("skipped")
