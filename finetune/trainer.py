@@ -5,10 +5,11 @@ Trainer whose only addition is bookkeeping: each batch carries the ids of its ex
 (missing or unreadable images, too long); the trainer strips them before the forward pass, records
 which examples every optimizer step saw (`data_order.jsonl`, written by rank 0 with every rank's
 shard), and counts what was skipped. Checkpoints get a completion marker once the Trainer's save
-has returned, so a run killed mid-save never resumes from a half-written checkpoint. Without PEFT or
-DeepSpeed (which keep their own formats), a checkpoint's weights are the trained parameters only
+has returned, so a run killed mid-save never resumes from a half-written checkpoint. Without PEFT
+(whose adapters load back as saved), a checkpoint's weights are the trained parameters only
 (`trained_weights.safetensors`, under the model's own names), loaded back exactly on resume and when
-the best checkpoint is restored; the frozen ones come from the start checkpoint, as they did.
+the best checkpoint is restored; the frozen ones come from the start checkpoint, as they did. Under
+DeepSpeed they are in DeepSpeed's own checkpoint (`global_step*/`), which is what it resumes from.
 
 With an evaluation set (task heads with a validation split), the model is evaluated at every save
 and the checkpoint with the lowest validation loss is the one loaded at the end of training.
@@ -326,15 +327,13 @@ def build_trainer(model, processor, train_dataset, collator, args, out_dir: Path
                 atomic_write_json(ckpt / COMPLETE_MARKER, {"global_step": state.global_step})
 
     class TracingTrainer(Trainer):
-        # Checkpoints of a model trained without PEFT or DeepSpeed hold only its trained weights, under the
-        # model's own names. The Trainer's save_pretrained writes transformers' checkpoint names, which its
-        # resume loads with strict=False into a model whose names differ (LLaVA's `model.` prefix): nothing
-        # was loaded, and a resumed run went on from its start weights. Stage 1 also saved the whole 7B model
-        # (14 GB) to keep a 40 MB projector. PEFT adapters and DeepSpeed keep their own formats.
+        # Checkpoints of a model trained without PEFT hold only its trained weights, under the model's own
+        # names. The Trainer's save_pretrained writes transformers' checkpoint names, which its resume loads
+        # with strict=False into a model whose names differ (LLaVA's `model.` prefix): nothing was loaded,
+        # and a resumed run went on from its start weights. Stage 1 also saved the whole 7B model (14 GB) to
+        # keep a 40 MB projector. Under DeepSpeed the weights it resumes from are in its own checkpoint,
+        # written with the optimizer's, so no second copy is gathered and written. PEFT keeps its adapters.
         _checkpointing = False
-
-        def _own_checkpoint_format(self) -> bool:
-            return not self.is_deepspeed_enabled and not _is_peft(self.model)
 
         def _save_checkpoint(self, model, trial):
             self._checkpointing = True
@@ -343,10 +342,10 @@ def build_trainer(model, processor, train_dataset, collator, args, out_dir: Path
             finally:
                 self._checkpointing = False
 
-        def _save(self, output_dir=None, state_dict=None):
-            if not (self._checkpointing and state_dict is None and self._own_checkpoint_format()):
-                return super()._save(output_dir, state_dict)
-            if self.args.should_save:
+        def save_model(self, output_dir=None, _internal_call=False):
+            if not self._checkpointing or _is_peft(self.model):
+                return super().save_model(output_dir, _internal_call)
+            if self.args.should_save and not self.is_deepspeed_enabled:
                 save_trained_state(self.accelerator.unwrap_model(self.model, keep_torch_compile=False), output_dir)
 
         def _load_own_format(self, folder, model=None) -> bool:

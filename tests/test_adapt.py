@@ -240,17 +240,31 @@ def test_every_shipped_deepspeed_config_parses(path):
     assert ds["zero_optimization"]["stage"] in (2, 3) and ds["train_micro_batch_size_per_gpu"] == "auto"
 
 
-def test_deepspeed_zero2_runs_on_cpu(tmp_path):
+def test_deepspeed_zero2_runs_on_cpu_and_resumes_from_its_own_checkpoint(tmp_path):
     pytest.importorskip("deepspeed")
-    cfg = write_config(tmp_path / "c.yaml", config(tmp_path / "run", deepspeed=str(REPO / "finetune/configs/zero2.json")))
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
-                "--master-port", str(free_port()), "-m", "medllava.cli"]
-    out = subprocess.run([*launcher, "adapt", "--config", str(cfg), "--stage", "instruct"], cwd=REPO,
-                         capture_output=True, text=True, timeout=400)
-    assert out.returncode == 0, out.stderr[-3000:]
-    ckpt = tmp_path / "run" / "instruct" / "checkpoints" / "checkpoint-3"
-    assert (ckpt / "global_step3").is_dir()  # DeepSpeed's own optimizer-state layout: ZeRO really ran
-    assert (tmp_path / "run" / "instruct" / "model" / "model.safetensors").is_file()
+    four = stage(max_steps=4, save_steps=2, learning_rate=1e-2, warmup_ratio=0.0)
+    cfg = write_config(tmp_path / "c.yaml", config(tmp_path / "run", instruct=four,
+                                                   deepspeed=str(REPO / "finetune/configs/zero2.json")))
+
+    def run():
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-addr",
+                    "127.0.0.1", "--master-port", str(free_port()), "-m", "medllava.cli"]
+        out = subprocess.run([*launcher, "adapt", "--config", str(cfg), "--stage", "instruct"], cwd=REPO,
+                             capture_output=True, text=True, timeout=400)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout
+
+    run()
+    out = tmp_path / "run" / "instruct"
+    ckpt = out / "checkpoints" / "checkpoint-2"
+    assert (ckpt / "global_step2").is_dir()  # DeepSpeed's own layout: ZeRO really ran, and resumes from it
+    assert not list(ckpt.glob("*.safetensors"))  # so no second copy of the weights is written beside it
+    uninterrupted = weights(out / "model")
+    for path in (out / "stage_complete.json", out / "model", out / "checkpoints" / "checkpoint-4"):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    assert f"resuming from {ckpt}" in run()
+    resumed = weights(out / "model")
+    assert all(torch.equal(resumed[n], uninterrupted[n]) for n in resumed)
 
 
 def test_qlora_without_a_gpu_says_what_it_needs(tmp_path, tiny_checkpoint):
