@@ -41,7 +41,7 @@ def main(args: argparse.Namespace) -> int:
 
 def run_adapt(cfg: AdaptConfig, stages: list[str], command: str = "") -> dict[str, dict]:
     """Run `stages` of the curriculum; returns each stage's completion record."""
-    from finetune.stages import RunSettings, run_stage
+    from finetune.stages import RunSettings, describe_train_loss, run_stage
     from finetune.trainer import is_main_process
 
     run_dir = Path(cfg.run_dir)
@@ -62,7 +62,7 @@ def run_adapt(cfg: AdaptConfig, stages: list[str], command: str = "") -> dict[st
             r = records[name]
             skipped = ", ".join(f"{k}: {v}" for k, v in r["skipped_in_batches"].items()) or "none"
             print(
-                f"[{name}] done: {r['steps']} steps, train loss {r['train_loss']:.4f}; skipped while training: {skipped};"
+                f"[{name}] done: {r['steps']} steps, {describe_train_loss(r)}; skipped while training: {skipped};"
                 f" output in {run_dir / name}",
                 flush=True,
             )

@@ -224,7 +224,7 @@ def write_task_data(cfg: FinetuneConfig, made: dict, out: Path) -> tuple[DataCon
 
 def train_head(cfg: FinetuneConfig, train_data: DataConfig, val_data: DataConfig | None = None) -> dict:
     """Train on `train_data` (model selection on `val_data`) and save the head; see the module docstring."""
-    from finetune.stages import RunSettings, run_stage
+    from finetune.stages import RunSettings, describe_train_loss, run_stage
     from finetune.trainer import is_main_process
     from medllava.heads import HeadInfo
 
@@ -238,13 +238,14 @@ def train_head(cfg: FinetuneConfig, train_data: DataConfig, val_data: DataConfig
     record = run_stage("finetune", stage, cfg.base, settings, stage_dir, val_data=val_data)
     out = head_dir(cfg)
     if is_main_process():
-        metrics = {"train_loss": record["train_loss"], "steps": record["steps"]}
+        metrics = {"train_loss": record["train_loss"], "train_loss_steps": record["train_loss_steps"],
+                   "steps": record["steps"]}
         if "validation" in record:
             metrics["val_loss"] = record["validation"]["best_eval_loss"]
         info = HeadInfo(task=cfg.task.name, template=stage.data.template, prompt_style=cfg.head.prompt_style,
                         closed_options=list(cfg.head.closed_options), base=cfg.base.name_or_path, metrics=metrics)
         publish_head(stage_dir / ("model" if cfg.head.full else "adapter"), out, info)
-        print(f"[finetune] train loss {record['train_loss']:.4f} after {record['steps']} steps"
+        print(f"[finetune] {describe_train_loss(record)} after {record['steps']} steps"
               + (f"; best validation loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""), flush=True)
     return {**record, "head": str(out)}
 

@@ -146,6 +146,8 @@ def run_stage(
         "stage": name,
         "steps": trainer.state.global_step,
         "train_loss": result.training_loss,
+        # The Trainer's train_loss is the mean over the steps this process ran: after a resume, not all.
+        "train_loss_steps": [int(Path(resume).name.split("-")[-1]) + 1 if resume else 1, trainer.state.global_step],
         "examples": len(dataset),
         "data": data_report,
         "skipped_in_batches": dict(skip_counts),
@@ -184,6 +186,13 @@ def probe_checkpointing(model, processor, dataset, lengths: list[int], stage: St
     autocast = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
     return probe(model, dataset, collator, lengths, stage.per_device_batch_size,
                  loss_func=supervised_loss if stage.sparse_logits else None, autocast_dtype=autocast, device=args.device)
+
+
+def describe_train_loss(record: dict) -> str:
+    """'train loss X' for a stage trained in one go; after a resume, the steps the mean covers."""
+    first, last = record["train_loss_steps"]
+    line = f"train loss {record['train_loss']:.4f}"
+    return line if first == 1 else line + f" (mean of steps {first}-{last}, run after resuming)"
 
 
 def describe_input_wait(wait: dict) -> str:

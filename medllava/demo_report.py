@@ -91,7 +91,7 @@ def write_report(work: Path, seconds: float) -> Path:
              f"| stage-2 (instruction) conversations | {_count(work / 'instruct' / 'stage2.jsonl')} |", "",
              "Modalities of the kept figures: " + (", ".join(f"{k} {v}" for k, v in sorted(labels.items())) or "none"), ""]
 
-    lines += ["## Training", "", "| stage | steps | final train loss | examples | skipped |", "|---|---|---|---|---|"]
+    lines += ["## Training", "", "| stage | steps | mean train loss | examples | skipped |", "|---|---|---|---|---|"]
     curves = {}
     for name, stage_dir in (("align", work / "adapt" / "align"), ("instruct", work / "adapt" / "instruct"),
                             ("head", work / "head" / "train")):

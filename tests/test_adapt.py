@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from finetune.adapt import run_adapt
 from finetune.config import AdaptConfig
+from finetune.stages import describe_train_loss
 from finetune.trainer import COMPLETE_MARKER, complete_checkpoints, read_trace
 from medllava.commands import demo_data
 from medllava.config import ConfigError, from_dict, load_config
@@ -193,7 +194,8 @@ def test_a_resumed_stage_goes_on_from_its_checkpoints_weights(tmp_path, name, lo
     for path in (out / "stage_complete.json", out / "model", out / "checkpoints" / "checkpoint-6"):
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     record = run_adapt(runs["resumed"], [name])[name]
-    assert record["steps"] == 6
+    assert record["steps"] == 6 and record["train_loss_steps"] == [4, 6]  # the Trainer's mean covers these
+    assert describe_train_loss(record).endswith("(mean of steps 4-6, run after resuming)")
     a, b = weights(out / "model"), weights(tmp_path / "ref" / name / "model")
     changed = [n for n in a if not torch.equal(a[n], model.state_dict()[n])]
     assert changed and all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
