@@ -355,8 +355,14 @@ def build_trainer(model, processor, train_dataset, collator, args, out_dir: Path
             return path.is_file()
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-            if not self._load_own_format(resume_from_checkpoint, model):
-                super()._load_from_checkpoint(resume_from_checkpoint, model)
+            if self._load_own_format(resume_from_checkpoint, model):
+                return
+            if not _is_peft(self.model) and (Path(resume_from_checkpoint) / "model.safetensors").is_file():
+                raise ValueError(f"{resume_from_checkpoint} holds the whole model under transformers' checkpoint"
+                                 " names, as checkpoints of an earlier medllava did; the Trainer would load none of"
+                                 " it and go on from the start weights. Remove the stage's checkpoints/ folder to"
+                                 " train the stage again from its start")
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
 
         def _load_best_model(self):
             if not self._load_own_format(self.state.best_model_checkpoint):

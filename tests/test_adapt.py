@@ -199,6 +199,14 @@ def test_a_resumed_stage_goes_on_from_its_checkpoints_weights(tmp_path, name, lo
     a, b = weights(out / "model"), weights(tmp_path / "ref" / name / "model")
     changed = [n for n in a if not torch.equal(a[n], model.state_dict()[n])]
     assert changed and all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+    if not lora:  # a checkpoint in the earlier format (save_pretrained's names) is refused, not loaded as nothing
+        old = out / "checkpoints" / "checkpoint-3"
+        (old / "trained_weights.safetensors").unlink()
+        model.save_pretrained(old)
+        for path in (out / "stage_complete.json", out / "checkpoints" / "checkpoint-6"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        with pytest.raises(ValueError, match="earlier medllava.*Remove the stage's checkpoints/ folder"):
+            run_adapt(runs["resumed"], [name])
 
 
 def free_port() -> int:
