@@ -24,8 +24,8 @@ from pathlib import Path
 
 from finetune.config import DataConfig, LoraConfig, StageConfig
 from finetune.memory_probe import describe as describe_probe
-from finetune.trainer import (InputWait, build_trainer, complete_checkpoints, is_main_process, training_arguments,
-                              world_size)
+from finetune.trainer import (InputWait, build_trainer, checkpoint_step, complete_checkpoints, is_main_process,
+                              training_arguments, world_size)
 from medllava.io import atomic_write_json, write_jsonl
 from medllava.model import TRAINABLE, ModelConfig, build_model, save_model, set_trainable
 
@@ -147,7 +147,7 @@ def run_stage(
         "steps": trainer.state.global_step,
         "train_loss": result.training_loss,
         # The Trainer's train_loss is the mean over the steps this process ran: after a resume, not all.
-        "train_loss_steps": [int(Path(resume).name.split("-")[-1]) + 1 if resume else 1, trainer.state.global_step],
+        "train_loss_steps": [checkpoint_step(resume) + 1 if resume else 1, trainer.state.global_step],
         "examples": len(dataset),
         "data": data_report,
         "skipped_in_batches": dict(skip_counts),

@@ -61,6 +61,11 @@ def gradient_accumulation(stage: StageConfig, n_processes: int) -> int:
     return stage.global_batch_size // per_step
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The global step of a Trainer checkpoint folder `checkpoint-N`."""
+    return int(Path(path).name.split("-")[-1])
+
+
 def complete_checkpoints(folder: Path) -> list[Path]:
     """Resumable checkpoints under `folder`, oldest first. Incomplete ones (killed mid-save) are
     removed by the main process, so the Trainer's own rotation never counts them."""
@@ -75,7 +80,7 @@ def complete_checkpoints(folder: Path) -> list[Path]:
         elif is_main_process():
             log.warning("removing incomplete checkpoint %s (the run was stopped while saving it)", path)
             shutil.rmtree(path, ignore_errors=True)
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+    return sorted(found, key=checkpoint_step)
 
 
 def trained_names(model) -> set[str]:
@@ -350,9 +355,10 @@ def build_trainer(model, processor, train_dataset, collator, args, out_dir: Path
 
         def _load_own_format(self, folder, model=None) -> bool:
             path = Path(folder) / TRAINED_WEIGHTS
-            if path.is_file():
+            found = path.is_file()
+            if found:
                 load_trained_state(self.accelerator.unwrap_model(model or self.model, keep_torch_compile=False), path)
-            return path.is_file()
+            return found
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             if self._load_own_format(resume_from_checkpoint, model):
@@ -416,10 +422,8 @@ def build_trainer(model, processor, train_dataset, collator, args, out_dir: Path
 
 
 def _is_peft(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
+    from peft import PeftModel
+
     return isinstance(model, PeftModel)
 
 
