@@ -73,7 +73,8 @@ from benchmarks.real_text import TextSource, encode_examples, source_for, spread
 from benchmarks.shapes import random_7b_processor  # noqa: E402
 from benchmarks.train_profile import GpuProfile, summary_line  # noqa: E402
 from benchmarks.train_report import flops_per_example, report  # noqa: E402
-from finetune.stages import apply_lora, compile_decoder_layers  # noqa: E402
+from finetune.compilation import compile_decoder_layers  # noqa: E402
+from finetune.stages import apply_lora  # noqa: E402
 from finetune.trainer import checkpointing_arguments  # noqa: E402
 from medllava.data import Collator, supervised_loss  # noqa: E402
 from medllava.model import TRAINABLE, ModelConfig, build_model, num_image_tokens, set_trainable  # noqa: E402

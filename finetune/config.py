@@ -123,15 +123,18 @@ class StageConfig:
     ZeRO-3; pays off only from the second epoch on, and the memory it takes grows with the number of
     distinct images."""
 
-    torch_compile: bool = False
+    torch_compile: bool | Literal["auto"] = False
     """Compile the model with torch.compile (inductor). The first steps are slow while it compiles; varying
-    sequence lengths recompile a few times before shapes settle."""
+    sequence lengths recompile a few times before shapes settle. After the first step the stage checks that
+    dynamo really compiled something: with `true` a model that ran eager stops the stage with the reason,
+    with `auto` it goes on eager with a warning (both kept in stage_complete.json, `compilation`)."""
 
-    compile_layers: bool = False
+    compile_layers: bool | Literal["auto"] = False
     """Compile each decoder layer of the language model on its own (torch.compile with dynamic shapes: one
     compiled layer serves every layer and length). Fuses small kernels and keeps fewer activations: on an
     H100, packed under flex attention, stage 1 ran 2.43x the plain way (1.85x uncompiled) and LoRA 2.56x
-    (1.71x), and twice the examples per pass fit (README, Benchmarks). Not with torch_compile."""
+    (1.71x), and twice the examples per pass fit (README, Benchmarks). Not with torch_compile. Checked
+    after the first step as torch_compile is: `true` stops a stage whose layers ran eager, `auto` warns."""
 
     lora: LoraConfig = field(default_factory=LoraConfig)
     """Low-rank adapters (LoRA / QLoRA) instead of full training of the language model."""

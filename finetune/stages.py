@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from finetune.compilation import allow_checkpointed_side_effects, compile_decoder_layers, watch_compilation
 from finetune.config import DataConfig, LoraConfig, StageConfig
 from finetune.memory_probe import describe as describe_probe
 from finetune.trainer import (InputWait, build_trainer, checkpoint_step, complete_checkpoints, is_main_process,
@@ -94,8 +95,12 @@ def run_stage(
         set_trainable(model, modules)
     if stage.lora.enabled:
         model = apply_lora(model, stage.lora, modules, autocast=args.bf16 or args.fp16)
+    # The watch before the memory probe: graphs compiled there serve training, and count.
+    compile_watch = watch_compilation(name, stage)
     if stage.compile_layers:
         compile_decoder_layers(model)
+    elif stage.torch_compile:
+        allow_checkpointed_side_effects()
     dataset, data_report = prepare_dataset(stage, processor, out_dir)
     if len(dataset) == 0:
         raise ValueError(f"stage {name}: no usable examples in {stage.data.path}\n{data_report['summary']}")
@@ -120,6 +125,7 @@ def run_stage(
         model, processor, dataset, collator, args, out_dir, eval_dataset=val_dataset,
         loss_func=supervised_loss if stage.sparse_logits else None,
         lengths=lengths if stage.group_by_length else None, vision_cache=cache, input_wait=input_wait,
+        compile_watch=compile_watch,
     )
     accumulation = args.gradient_accumulation_steps
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -157,6 +163,8 @@ def run_stage(
         "input_wait": input_wait.summary(stage.dataloader_workers),
         "activation_checkpointing": checkpointing,
     }
+    if compile_watch is not None:
+        record["compilation"] = compile_watch.as_dict()
     if is_main_process():
         print(f"[{name}] {describe_input_wait(record['input_wait'])}", flush=True)
     if cache is not None:
@@ -256,16 +264,6 @@ def _barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def compile_decoder_layers(model) -> int:
-    """Compile every decoder layer of the language model in place (`nn.Module.compile`, dynamic shapes);
-    returns how many. The layers share their code, so one compilation serves all of them."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = base.model.language_model.layers
-    for layer in layers:
-        layer.compile(dynamic=True)
-    return len(layers)
 
 
 def apply_lora(model, lora: LoraConfig, modules: tuple[str, ...], autocast: bool = False, fold_dropout: bool = True):

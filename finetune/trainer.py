@@ -257,7 +257,7 @@ def training_arguments(stage: StageConfig, out_dir: Path, run, evaluate: bool = 
         lr_scheduler_type=stage.lr_scheduler,
         weight_decay=stage.weight_decay,
         optim=optimizer_name(on_gpu),
-        torch_compile=stage.torch_compile,
+        torch_compile=bool(stage.torch_compile),
         bf16=run.bf16 and (not on_gpu or torch.cuda.is_bf16_supported()),
         **checkpointing_arguments(stage.gradient_checkpointing is True),
         save_strategy="steps",
@@ -305,7 +305,8 @@ def length_grouped_sampler(lengths: list[int], group_size: int, seed: int):
 
 
 def build_trainer(model, processor, train_dataset, collator, args, out_dir: Path, eval_dataset=None, loss_func=None,
-                  lengths: list[int] | None = None, vision_cache=None, input_wait: InputWait | None = None):
+                  lengths: list[int] | None = None, vision_cache=None, input_wait: InputWait | None = None,
+                  compile_watch=None):
     """A Trainer for one stage with `args` from `training_arguments`.
 
     With `eval_dataset`, the validation loss is computed at every save (`save_steps`) and the best
@@ -313,6 +314,7 @@ def build_trainer(model, processor, train_dataset, collator, args, out_dir: Path
     (`medllava.data.supervised_loss` with a sparse-logits collator). `lengths` (one per training
     example) groups batches by length; `vision_cache` (attached, with a collator that adds
     `image_keys`) answers the vision tower from its cache. `input_wait` times every fetch of batches.
+    `compile_watch` (finetune.compilation) checks after the first step that the compiled model ran compiled.
     """
     from transformers import Trainer, TrainerCallback
 
@@ -321,6 +323,10 @@ def build_trainer(model, processor, train_dataset, collator, args, out_dir: Path
     class Bookkeeping(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             trace.flush(state.global_step)
+            if compile_watch is not None and compile_watch.report.compiled is None:
+                report = compile_watch.check(state.global_step)
+                if report.message and is_main_process():
+                    print(f"[{compile_watch.stage}] warning: {report.message}", flush=True)
 
         def on_train_end(self, args, state, control, **kwargs):
             if input_wait is not None:
