@@ -73,7 +73,7 @@ from benchmarks.real_text import TextSource, encode_examples, source_for, spread
 from benchmarks.shapes import random_7b_processor  # noqa: E402
 from benchmarks.train_profile import GpuProfile, summary_line  # noqa: E402
 from benchmarks.train_report import flops_per_example, report  # noqa: E402
-from finetune.compilation import compile_decoder_layers  # noqa: E402
+from finetune.compilation import allow_checkpointed_side_effects, compile_decoder_layers  # noqa: E402
 from finetune.stages import apply_lora  # noqa: E402
 from finetune.trainer import checkpointing_arguments  # noqa: E402
 from medllava.data import Collator, supervised_loss  # noqa: E402
@@ -222,6 +222,8 @@ def run(model, examples, collator, args, loss_func, lengths=None, cache=None, co
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    if compiled:
+        allow_checkpointed_side_effects()  # as a stage with torch_compile does
     targs = TrainingArguments(
         output_dir="/tmp/medllava-bench", per_device_train_batch_size=micro,
         gradient_accumulation_steps=args.batch // micro, max_steps=args.steps,
