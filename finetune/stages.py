@@ -371,7 +371,7 @@ def save_outputs(name: str, trainer, processor, lora: LoraConfig, out_dir: Path)
 
     target = out_dir / ("adapter" if lora.enabled else "model")
     staging = out_dir / f".{target.name}.staging"
-    trainer.save_model(str(staging))  # the model, or the PEFT adapter (+ modules to save)
+    trainer.save_final_model(str(staging))  # the model, or the PEFT adapter (+ modules to save)
     if is_main_process():
         if not lora.enabled:
             processor.save_pretrained(staging)

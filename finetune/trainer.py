@@ -1,8 +1,9 @@
 """The one training wrapper every stage and task head uses: `transformers.Trainer` + PEFT + DeepSpeed.
 
-`training_arguments` turns a StageConfig into TrainingArguments and `build_trainer` makes a
-Trainer whose only addition is bookkeeping: each batch carries the ids of its examples and of the examples that were skipped
-(missing or unreadable images, too long); the trainer strips them before the forward pass, records
+`training_arguments` turns a StageConfig into TrainingArguments and `build_trainer` makes a Trainer
+(finetune.stage_trainer.StageTrainer, the one file that relies on the Trainer's internals) whose only
+addition is bookkeeping: each batch carries the ids of its examples and of the examples that were
+skipped (missing or unreadable images, too long); the trainer strips them before the forward pass, records
 which examples every optimizer step saw (`data_order.jsonl`, written by rank 0 with every rank's
 shard), and counts what was skipped. Checkpoints get a completion marker once the Trainer's save
 has returned, so a run killed mid-save never resumes from a half-written checkpoint. Without PEFT
@@ -24,7 +25,6 @@ CUDA, and `StageConfig.torch_compile` compiles the model.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -316,7 +316,9 @@ def build_trainer(model, processor, train_dataset, collator, args, out_dir: Path
     `image_keys`) answers the vision tower from its cache. `input_wait` times every fetch of batches.
     `compile_watch` (finetune.compilation) checks after the first step that the compiled model ran compiled.
     """
-    from transformers import Trainer, TrainerCallback
+    from transformers import TrainerCallback
+
+    from finetune.stage_trainer import StageTrainer
 
     trace = StepTrace(out_dir / "data_order.jsonl")
 
@@ -337,84 +339,7 @@ def build_trainer(model, processor, train_dataset, collator, args, out_dir: Path
                 ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 atomic_write_json(ckpt / COMPLETE_MARKER, {"global_step": state.global_step})
 
-    class TracingTrainer(Trainer):
-        # Checkpoints of a model trained without PEFT hold only its trained weights, under the model's own
-        # names. The Trainer's save_pretrained writes transformers' checkpoint names, which its resume loads
-        # with strict=False into a model whose names differ (LLaVA's `model.` prefix): nothing was loaded,
-        # and a resumed run went on from its start weights. Stage 1 also saved the whole 7B model (14 GB) to
-        # keep a 40 MB projector. Under DeepSpeed the weights it resumes from are in its own checkpoint,
-        # written with the optimizer's, so no second copy is gathered and written. PEFT keeps its adapters.
-        _checkpointing = False
-
-        def _save_checkpoint(self, model, trial):
-            self._checkpointing = True
-            try:
-                super()._save_checkpoint(model, trial)
-            finally:
-                self._checkpointing = False
-
-        def save_model(self, output_dir=None, _internal_call=False):
-            if not self._checkpointing or _is_peft(self.model):
-                return super().save_model(output_dir, _internal_call)
-            if self.args.should_save and not self.is_deepspeed_enabled:
-                save_trained_state(self.accelerator.unwrap_model(self.model, keep_torch_compile=False), output_dir)
-
-        def _load_own_format(self, folder, model=None) -> bool:
-            path = Path(folder) / TRAINED_WEIGHTS
-            found = path.is_file()
-            if found:
-                load_trained_state(self.accelerator.unwrap_model(model or self.model, keep_torch_compile=False), path)
-            return found
-
-        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-            if self._load_own_format(resume_from_checkpoint, model):
-                return
-            if not _is_peft(self.model) and (Path(resume_from_checkpoint) / "model.safetensors").is_file():
-                raise ValueError(f"{resume_from_checkpoint} holds the whole model under transformers' checkpoint"
-                                 " names, as checkpoints of an earlier medllava did; the Trainer would load none of"
-                                 " it and go on from the start weights. Remove the stage's checkpoints/ folder to"
-                                 " train the stage again from its start")
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-
-        def _load_best_model(self):
-            if not self._load_own_format(self.state.best_model_checkpoint):
-                super()._load_best_model()
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            ids, skipped = inputs.pop("example_ids"), inputs.pop("skipped")
-            image_keys = inputs.pop("image_keys", None)
-            if model.training:  # evaluation batches are not part of the data order
-                trace.add(ids, skipped)
-            if inputs["input_ids"].numel() == 0:
-                # Every example of this micro-batch was skipped: a zero loss keeps all ranks in step.
-                zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
-                return (zero, {}) if return_outputs else zero
-            with vision_cache.batch(image_keys) if vision_cache else contextlib.nullcontext():
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-        def get_batch_samples(self, epoch_iterator, num_batches, device):
-            start = time.perf_counter()
-            try:
-                return super().get_batch_samples(epoch_iterator, num_batches, device)
-            finally:
-                if input_wait is not None:
-                    input_wait.add(start, time.perf_counter())
-
-        def log(self, logs, *args, **kwargs):
-            if input_wait is not None and "loss" in logs:  # training logs; evaluation logs carry eval_loss
-                share = input_wait.window_share()
-                if share is not None:
-                    logs["data_wait"] = round(share, 4)
-            super().log(logs, *args, **kwargs)
-
-        def _get_train_sampler(self, train_dataset=None):
-            if lengths is None:
-                return super()._get_train_sampler(train_dataset)
-            a = self.args
-            group = a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size
-            return length_grouped_sampler(lengths, group, a.data_seed if a.data_seed is not None else a.seed)
-
-    trainer = TracingTrainer(
+    trainer = StageTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
@@ -423,14 +348,9 @@ def build_trainer(model, processor, train_dataset, collator, args, out_dir: Path
         processing_class=processor,
         compute_loss_func=loss_func,
         callbacks=[Bookkeeping()],
+        trace=trace, input_wait=input_wait, vision_cache=vision_cache, lengths=lengths,
     )
     return trainer, trace
-
-
-def _is_peft(model) -> bool:
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
 
 
 def _evaluation_arguments(stage: StageConfig, evaluate: bool) -> dict:
