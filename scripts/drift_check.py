@@ -51,15 +51,18 @@ def lower_bounds(pyproject: Path) -> list[str]:
     return pins
 
 
-def constraints_for(versions: str, workdir: Path) -> list[str]:
-    """pip arguments that install the project under `versions`."""
+def constraints_for(versions: str, torch: str, workdir: Path) -> list[str]:
+    """pip arguments that install the project under `versions`, torch held at the release installed first
+    (left free, the newest allowed would replace it, a CUDA build of several GB on a CPU machine)."""
+    held = workdir / "torch.txt"
+    held.write_text(f"torch=={torch}\n")
     if versions == "locked":
-        return ["-c", str(LOCK)]
+        return ["-c", str(LOCK), "-c", str(held)]
     if versions == "oldest":
         path = workdir / "oldest.txt"
         path.write_text("\n".join(lower_bounds(REPO / "pyproject.toml")) + "\n")
-        return ["-c", str(path)]
-    return ["--upgrade", "--upgrade-strategy", "eager"]
+        return ["-c", str(path), "-c", str(held)]
+    return ["-c", str(held), "--upgrade", "--upgrade-strategy", "eager"]
 
 
 def pip(python: Path, *args: str) -> None:
@@ -100,14 +103,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch", default="2.13.0", help="the torch release to install first (default 2.13.0)")
     parser.add_argument("--venv", type=Path, help="build the environment here and keep it (default: a temporary one)")
     parser.add_argument("--write-lock", action="store_true", help="rewrite constraints.txt if the suite passes")
-    parser.add_argument("pytest_args", nargs="*", help="after --: more arguments for pytest")
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []  # after --: more arguments for pytest
+    args = parser.parse_args(argv[:len(argv) - len(extra) - (1 if "--" in argv else 0)])
+    args.pytest_args = extra
     with tempfile.TemporaryDirectory(prefix="medllava-drift-") as tmp:
         venv = args.venv or Path(tmp) / "venv"
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         python = venv / "bin" / "python"
         pip(python, f"torch=={args.torch}")
-        pip(python, *constraints_for(args.versions, Path(tmp)), "-e", f"{REPO}[dev]")
+        pip(python, *constraints_for(args.versions, args.torch, Path(tmp)), "-e", f"{REPO}[dev]")
         frozen = freeze(python)
         got = versions_of(frozen)
         print(f"[{args.versions}] " + ", ".join(f"{name} {got[name]}" for name in SHOWN if name in got), flush=True)
