@@ -34,7 +34,23 @@ def tiny_checkpoint(tmp_path_factory, tiny):
     return save_model(model, processor, tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
-def shared_data() -> Path | None:
-    """The real sample data folder, when MEDLLAVA_SHARED_DATA points at it."""
-    value = os.environ.get("MEDLLAVA_SHARED_DATA")
-    return Path(value) if value else None
+# The real sample data (its README says what is there) sits at ../shared/data beside the checkout, as in CI;
+# MEDLLAVA_SHARED_DATA points elsewhere.
+SHARED_DATA_VARIABLE = "MEDLLAVA_SHARED_DATA"
+SHARED_DATA_BESIDE_REPO = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real sample data folder; the test skips, naming the path, where it is absent beside the checkout.
+
+    A MEDLLAVA_SHARED_DATA that names a missing folder fails the test instead: a mistyped path must not
+    quietly turn the real-data checks off.
+    """
+    pointed = os.environ.get(SHARED_DATA_VARIABLE)
+    root = Path(pointed) if pointed else SHARED_DATA_BESIDE_REPO
+    if root.is_dir():
+        return root
+    if pointed:
+        pytest.fail(f"{SHARED_DATA_VARIABLE}={pointed} is not a folder", pytrace=False)
+    pytest.skip(f"no shared sample data at {root} (set {SHARED_DATA_VARIABLE} to point elsewhere)")

@@ -137,6 +137,7 @@ def write_config(path: Path, cfg: dict) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
     long = stage(max_steps=24, save_steps=1, save_total_limit=2, learning_rate=1e-3)
     ref = write_config(tmp_path / "ref.yaml", config(tmp_path / "ref", instruct=long))
@@ -168,6 +169,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
     assert all(torch.allclose(a[n], b[n], atol=1e-5) for n in a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,lora", [("align", False), ("instruct", False), ("instruct", True)])
 def test_a_resumed_stage_goes_on_from_its_checkpoints_weights(tmp_path, name, lora):
     # Stop a 6-step run after its step-3 checkpoint (here: remove what came after it) and run it again: it
@@ -215,6 +217,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_shard_the_data(tmp_path):
     rows = [json.loads(line) for line in DATA.read_text().splitlines()][:8]
     eight = tmp_path / "eight.jsonl"
@@ -250,6 +253,7 @@ def test_every_shipped_deepspeed_config_parses(path):
     assert ds["zero_optimization"]["stage"] in (2, 3) and ds["train_micro_batch_size_per_gpu"] == "auto"
 
 
+@pytest.mark.slow
 def test_deepspeed_zero2_runs_on_cpu_and_resumes_from_its_own_checkpoint(tmp_path):
     pytest.importorskip("deepspeed")
     four = stage(max_steps=4, save_steps=2, learning_rate=1e-2, warmup_ratio=0.0)
@@ -324,6 +328,7 @@ def test_packed_sparse_and_plain_stages_log_the_same_first_loss(tmp_path):
     assert first["plain"] == pytest.approx(first["packed"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_compiled_decoder_layers_train_lora_to_the_same_losses(tmp_path):
     # Each decoder layer compiled on its own (dynamic shapes), under LoRA, packing and activation checkpointing.
     import torch._dynamo

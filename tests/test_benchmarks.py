@@ -95,6 +95,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_tiny_model_trains_on_the_real_conversations_by_default(bench_train, tmp_path, capsys, one_thread):
     from medllava.model import ModelConfig, build_model, num_image_tokens
     from medllava.templates import encode_conversation
@@ -167,6 +168,7 @@ def test_gpu_all_dry_run_commands_parse(bench_train, tmp_path):
     assert refused.returncode == 2 and "unknown argument 'all'" in refused.stderr
 
 
+@pytest.mark.slow
 def test_a_path_out_of_gpu_memory_is_reported_and_the_others_still_run(bench_train, tmp_path, capsys, monkeypatch):
     tried = []
 
@@ -201,6 +203,7 @@ def test_a_path_out_of_gpu_memory_is_reported_and_the_others_still_run(bench_tra
     assert "trying 1" in printed.err
 
 
+@pytest.mark.slow
 def test_a_path_that_fails_otherwise_is_reported_and_the_others_still_run(bench_train, tmp_path, capsys,
                                                                           monkeypatch):
     real_measure = bench_train.measure

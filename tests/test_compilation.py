@@ -71,6 +71,7 @@ def mlp_with_a_graph_break(monkeypatch):
     monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", broken)
 
 
+@pytest.mark.slow  # dynamo traces a training step
 def test_compiled_layers_that_run_eager_stop_the_stage_with_the_reason(tmp_path, layer_dynamo_cannot_compile):
     with pytest.raises(CompileError) as error:
         train(tmp_path / "on", compile_layers=True)
@@ -82,6 +83,7 @@ def test_compiled_layers_that_run_eager_stop_the_stage_with_the_reason(tmp_path,
     assert not (tmp_path / "on" / "instruct" / "stage_complete.json").exists()
 
 
+@pytest.mark.slow  # dynamo traces a training step, then an eager run to compare
 def test_auto_goes_on_eager_and_records_why(tmp_path, layer_dynamo_cannot_compile, capsys):
     record, losses = train(tmp_path / "auto", compile_layers="auto")
     compiled = record["compilation"]
@@ -102,6 +104,7 @@ def test_graph_breaks_inside_compiled_layers_are_recorded(tmp_path, mlp_with_a_g
     assert "graph_break" in compiled["first_break"] and "graph breaks" in compiled["message"]
 
 
+@pytest.mark.slow  # inductor compiles the lambda
 def test_the_watch_counts_only_graphs_built_after_it_began():
     # Graphs compiled for an earlier model in this process are dropped, not counted as this stage's.
     torch.compile(lambda x: x * 2)(torch.ones(2))
@@ -110,6 +113,7 @@ def test_the_watch_counts_only_graphs_built_after_it_began():
         watch.check(7)
 
 
+@pytest.mark.slow  # dynamo traces a training step
 def test_code_dynamo_skips_without_a_reason_is_named_as_such(tmp_path, monkeypatch):
     forward = modeling_llama.LlamaDecoderLayer.forward
     monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "forward", torch.compiler.disable(forward))

@@ -228,12 +228,10 @@ def test_workers_give_the_same_records_in_the_same_order(tmp_path, capsys):
     assert first.replace(str(one), "") == second.replace(str(two), "")
 
 
-@pytest.mark.skipif(not os.environ.get("MEDLLAVA_SHARED_DATA"), reason="MEDLLAVA_SHARED_DATA is not set")
-def test_shared_real_samples(tmp_path):
-    shared = Path(os.environ["MEDLLAVA_SHARED_DATA"])
+def test_shared_real_samples(tmp_path, shared_data):
     out = tmp_path / "figs.jsonl"
-    extract.run(_args(out, jats=[shared / "pmc_oa"],
-                      llava_med=[shared / "llava_med" / "llava_med_eval_qa50_fig_captions_sample.json"]))
+    extract.run(_args(out, jats=[shared_data / "pmc_oa"],
+                      llava_med=[shared_data / "llava_med" / "llava_med_eval_qa50_fig_captions_sample.json"]))
     rows = _rows(out)
     assert sum(r["source"] == "jats" for r in rows) == 4 and sum(r["source"] == "llava_med" for r in rows) == 10
     assert sum(len(r["mentions"]) for r in rows if r["source"] == "jats") == 9  # 10 citations, 2 in one sentence

@@ -131,11 +131,8 @@ def test_few_shot_in_llava_med_format_and_bad_files(tmp_path):
         P.load_few_shot(bad)
 
 
-def test_released_llava_med_few_shot_file_loads():
-    root = os.environ.get("MEDLLAVA_SHARED_DATA")
-    if not root:
-        pytest.skip("MEDLLAVA_SHARED_DATA is not set")
-    shots = P.load_few_shot(Path(root) / "llava_med" / "instruct_few_shot_examples.json")
+def test_released_llava_med_few_shot_file_loads(shared_data):
+    shots = P.load_few_shot(shared_data / "llava_med" / "instruct_few_shot_examples.json")
     assert len(shots) == 8 and all(s.pairs and s.mentions for s in shots)
 
 

@@ -23,6 +23,8 @@ from medllava.cli import main
 from medllava.demo import DICOM_FILES
 
 REPO = Path(__file__).resolve().parents[1]
+# Every test here runs the whole demo (and one runs it again, killed): tens of seconds.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -168,13 +168,8 @@ def test_a_refused_key_is_one_clear_error(tmp_path, capsys):
     assert "refused the request: HTTP 401" in capsys.readouterr().err
 
 
-def test_the_real_sample_files_read():
-    from conftest import shared_data
-
-    root = shared_data()
-    if root is None:
-        pytest.skip("MEDLLAVA_SHARED_DATA is not set")
-    folder = root / "llava_med"
+def test_the_real_sample_files_read(shared_data):
+    folder = shared_data / "llava_med"
     captions = load_captions(folder / "llava_med_eval_qa50_fig_captions_sample.json")
     questions, skipped = load_questions(folder / "llava_med_eval_qa50_qa_sample.jsonl", captions)
     assert len(captions) == 10 and len(questions) == 10 and skipped == []

@@ -18,7 +18,6 @@ from eval.tasks import TASKS, load_task
 from eval.tasks.safe_pickle import load_plain_pickle, loads_plain
 
 ASSETS = Path(__file__).parent / "assets" / "eval"
-SHARED = os.environ.get("MEDLLAVA_SHARED_DATA")
 
 
 def kinds(task) -> Counter:
@@ -53,9 +52,8 @@ def test_vqa_rad_official_release_matches_mevf_and_handles_quirks():
     assert (train["1511"].answer, train["2234"].answer) == ("4", "12")  # numeric answers become text
 
 
-@pytest.mark.skipif(not SHARED, reason="MEDLLAVA_SHARED_DATA is not set")
-def test_vqa_rad_real_test_split_counts():
-    root = Path(SHARED) / "vqa_rad"
+def test_vqa_rad_real_test_split_counts(shared_data):
+    root = shared_data / "vqa_rad"
     for source in ("mevf", "official"):
         task = load_task("vqa-rad", root, "test", source=source)
         assert len(task) == 451 and kinds(task) == {"open": 179, "closed": 272}, source
@@ -112,9 +110,8 @@ def test_slake_english_by_default_and_chinese_on_request():
         load_task("slake", ASSETS / "slake", "test", lang="fr")
 
 
-@pytest.mark.skipif(not SHARED, reason="MEDLLAVA_SHARED_DATA is not set")
-def test_slake_real_sample():
-    task = load_task("slake", Path(SHARED) / "slake", "test", file=Path(SHARED) / "slake" / "test_sample.json")
+def test_slake_real_sample(shared_data):
+    task = load_task("slake", shared_data / "slake", "test", file=shared_data / "slake" / "test_sample.json")
     assert len(task) == 25 and all(e.meta["q_lang"] == "en" for e in task)
 
 
@@ -129,9 +126,8 @@ def test_pathvqa_lxmert_json_ungroups_questions():
     assert [e.answer for e in task if e.meta["img_id"] == "test_0007"][:2] == ["a partly formed unerupted tooth", "wall"]
 
 
-@pytest.mark.skipif(not SHARED, reason="MEDLLAVA_SHARED_DATA is not set")
-def test_pathvqa_real_sample():
-    path = Path(SHARED) / "pathvqa" / "pvqa_test_sample.json"
+def test_pathvqa_real_sample(shared_data):
+    path = shared_data / "pathvqa" / "pvqa_test_sample.json"
     task = load_task("pathvqa", path.parent, "test", file=path)
     assert len(task) == 60
     assert all((e.answer_type == "closed") == (e.answer in ("yes", "no")) for e in task)

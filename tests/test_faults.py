@@ -140,6 +140,7 @@ def assert_complete_or_absent(run: Path, ref: Path, everything: bool = False) ->
         assert files == sorted(p.relative_to(ref) for p in ref.rglob("*") if p.is_file())
 
 
+@pytest.mark.slow
 def test_curation_killed_at_three_moments_then_rerun_equals_an_uninterrupted_run(tmp_path, capsys):
     oa_packages(tmp_path / "packages", N_PACKAGES)
     ref_config, config = curation_config(tmp_path / "ref"), curation_config(tmp_path / "killed")
@@ -224,6 +225,7 @@ def killed_after_first_checkpoint(argv: list[str], checkpoints: Path, max_steps:
     assert not (checkpoints.parent / "stage_complete.json").exists()
 
 
+@pytest.mark.slow
 def test_stage1_killed_after_a_checkpoint_resumes_to_the_same_weights(tmp_path):
     killed, ref = adapt_config(tmp_path / "killed"), adapt_config(tmp_path / "ref")
     command = ["adapt", "--config", str(killed), "--stage", "align"]
@@ -255,6 +257,7 @@ def finetune_argv(run_dir: Path, base: Path, root: Path) -> list[str]:
             "train.lora.r=4", "train.lora.alpha=8", "train.lora.dropout=0.0"]
 
 
+@pytest.mark.slow
 def test_head_killed_after_a_checkpoint_resumes_to_the_same_adapter(tmp_path, tiny_checkpoint, vqa_rad_train):
     killed = finetune_argv(tmp_path / "killed", tiny_checkpoint, vqa_rad_train)
     killed_after_first_checkpoint(cli(*killed), tmp_path / "killed" / "train" / "checkpoints", 8)
@@ -273,6 +276,7 @@ def lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
+@pytest.mark.slow
 def test_eval_killed_mid_answers_resumes_to_the_same_predictions_and_metrics(tmp_path, tiny_checkpoint):
     def command(out: Path) -> list[str]:
         return ["eval", "run", "--task", "vqa-rad", "--root", str(demo_assets() / "vqa_rad"), "--model",

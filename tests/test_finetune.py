@@ -265,6 +265,7 @@ def test_the_command_line_checks_its_arguments(tmp_path):
     assert not (tmp_path / "run").exists()  # a wrong dataset path leaves no run folder behind
 
 
+@pytest.mark.slow
 def test_the_learning_experiment_runs_end_to_end(vqa_root, tmp_path, monkeypatch, capsys):
     import runpy
     import sys

@@ -114,6 +114,7 @@ def test_second_epoch_reads_every_image_from_the_cache(reference):
     assert all(set(load_file(str(f))) == {"hidden_states.1"} for f in cached)  # tiny: 2 layers, layer -2
 
 
+@pytest.mark.slow
 def test_resumed_grouped_run_replays_the_order_and_reloads_cached_features(reference, mixed, tmp_path):
     ref_out, _ = reference
     out = tmp_path / "align"
@@ -305,6 +306,7 @@ def test_time_spent_waiting_for_slow_images_is_counted_and_logged(mixed, tmp_pat
     assert len(shares) == 3 and all(0 < s <= 1 for s in shares)
 
 
+@pytest.mark.slow
 def test_dataloader_workers_start_once_for_the_whole_run(mixed, tmp_path, monkeypatch):
     # Workers started afresh each epoch made every epoch wait for them (on an H100, a 9-example demo set
     # trained for 40 epochs waited 21% of the time, 10% with workers kept). Each worker that encodes an
@@ -340,6 +342,7 @@ def test_the_input_wait_line_advises_only_when_input_held_training_back():
     assert "held training back: raise this stage's dataloader_workers" in describe_input_wait(starved)
 
 
+@pytest.mark.slow
 def test_auto_checkpointing_tries_the_heaviest_micro_batch_and_trains_as_without(mixed, tmp_path, tiny):
     # On a CPU the trial pass only shows the step runs: checkpointing stays off, and the run trains exactly
     # as one configured without checkpointing (the trial leaves no gradients behind).
