@@ -56,6 +56,19 @@ def _nearest(name: str, choices: list[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else f"; valid fields: {', '.join(choices)}"
 
 
+def _fixed_values(args: tuple) -> list[str] | None:
+    """'true', 'false' and each literal of a union made of bool and Literal types only; None otherwise."""
+    named = []
+    for arg in args:
+        if arg is bool:
+            named += ["true", "false"]
+        elif typing.get_origin(arg) is typing.Literal:
+            named += [repr(v) for v in typing.get_args(arg)]
+        elif arg is not type(None):
+            return None
+    return named
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check `value` against annotation `tp`, converting where the conversion is lossless."""
     origin = typing.get_origin(tp)
@@ -73,6 +86,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError as e:
                 errors.append(str(e))
+        if named := _fixed_values(args):  # e.g. true, false or 'auto': name them all, not the first type's
+            raise ConfigError(f"{where}: expected {', '.join(named[:-1])} or {named[-1]}, got {value!r}")
         raise ConfigError(errors[0] if errors else f"{where}: got {value!r}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):

@@ -4,6 +4,7 @@ YAML written beside a run reproducing the same config."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import pytest
 
@@ -40,6 +41,9 @@ class Run:
     note: str | None = None
     """Free text."""
 
+    compile: bool | Literal["auto"] = False
+    """On, off, or on where it works."""
+
 
 def test_field_docstrings_are_read_from_the_source():
     docs = field_docs(Run)
@@ -58,11 +62,16 @@ def test_unknown_field_names_the_nearest_valid_one():
     "data, message",
     [({"epochs": "three"}, "epochs: expected an integer"), ({"bf16": "maybe"}, "bf16: expected true or false"),
      ({"optim": {"lr": "fast"}}, "optim.lr: expected a number"), ({"epochs": 1.5}, "epochs: expected an integer"),
-     ({"modules": [True, False]}, r"modules\[0\]: expected a string, got the boolean True \(quote it")],
+     ({"modules": [True, False]}, r"modules\[0\]: expected a string, got the boolean True \(quote it"),
+     ({"compile": "sometimes"}, r"compile: expected true, false or 'auto', got 'sometimes'$")],
 )
 def test_mistyped_values_are_refused(data, message):
     with pytest.raises(ConfigError, match=message):
         from_dict(Run, data)
+
+
+def test_a_choice_of_true_false_or_a_word_takes_each():
+    assert [from_dict(Run, {"compile": v}).compile for v in (True, "false", "auto")] == [True, False, "auto"]
 
 
 def test_overrides_and_yaml_round_trip(tmp_path):
