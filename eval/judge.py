@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -294,12 +295,31 @@ def run(args: argparse.Namespace) -> int:
     for name, qids in counts.items():
         if qids:
             log.warning("%d questions %s (first: %s)", len(qids), name.replace("_", " "), qids[0])
+    outcome = judged_summary(len(questions), reviews, counts)
+    if summary["overall"]["n"] == 0:
+        # Means over nothing are no result: say why in one line and fail the command.
+        print(f"medllava: error: chat-judge scored no answer: {outcome}; see {reviews_path}", file=sys.stderr)
+        return 1
     rows = [(name, s["n"], _num(s["reference_mean"]), _num(s["candidate_mean"]), _num(s["relative_score"], 1),
              _num(s["mean_of_ratios"], 1)) for name, s in summary.items()]
     print(table(("group", "n", "reference", "candidate", "relative %", "mean of ratios %"), rows))
+    print(f"judged: {outcome}")
     print(f"judge usage: {usage}")
     print(f"wrote {args.out}, {reviews_path}")
     return 0
+
+
+def judged_summary(n_questions: int, reviews: list[dict], counts: dict[str, list[str]]) -> str:
+    """One line: how many questions were scored, and how many were lost to each cause (first error named)."""
+    n_scored = sum(1 for r in reviews if r.get("scores") is not None)
+    parts = [f"{n_scored} of {n_questions} questions scored"]
+    for name, qids in counts.items():
+        if qids:
+            parts.append(f"{len(qids)} {name.replace('_', ' ')}")
+    first_error = next((r["error"] for r in reviews if r.get("error")), None)
+    if first_error:
+        parts.append(f"first failure: {' '.join(first_error.split())[:200]}")
+    return ", ".join(parts)
 
 
 def _num(value: float | None, digits: int = 2) -> str:

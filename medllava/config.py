@@ -175,14 +175,33 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        names = key.strip().split(".")
+        if not all(name.strip() for name in names):
+            raise ConfigError(f"override {item!r}: the key {key!r} is not a field name like train.epochs")
+        value = _override_value(item, raw)
         node = data
-        *parents, leaf = key.strip().split(".")
-        for p in parents:
-            node[p] = dict(node.get(p) or {})
+        *parents, leaf = names
+        for i, p in enumerate(parents):
+            section = node.get(p)
+            if section is not None and not isinstance(section, dict):
+                where = ".".join(names[:i + 1])
+                raise ConfigError(f"override {item!r}: {where} is {section!r}, not a section with fields")
+            node[p] = dict(section or {})
             node = node[p]
         node[leaf] = value
     return data
+
+
+def _override_value(item: str, raw: str):
+    """The YAML value of one override; a YAML syntax error is one line naming the override."""
+    if not raw.strip():
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem}); "
+                          "quote it, e.g. key='...'") from None
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None):

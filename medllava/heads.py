@@ -4,6 +4,9 @@ A head folder holds a PEFT LoRA adapter (plus the projector when it was trained:
 module to save) and `head.json`, which says how the head expects to be asked (template, prompt
 style, closed options) so evaluation asks it exactly as it was taught. Several heads load onto one
 base in memory; `use_head` switches between them without copying the base.
+
+`head.json` is checked field by field when read, with one-line errors naming the file and the field,
+and only safetensors adapters load: a pickled adapter (`adapter_model.bin`) could run code when read.
 """
 
 from __future__ import annotations
@@ -14,8 +17,16 @@ from pathlib import Path
 
 from medllava.io import atomic_write_json
 from medllava.model import ModelConfig, build_model
+from medllava.prompts import PROMPT_STYLES
+from medllava.templates import TEMPLATES
 
 HEAD_FILE = "head.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PICKLE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.pkl")
+
+
+class HeadError(ValueError):
+    """A head folder or head.json that cannot be used; the message names the file and the field."""
 
 
 @dataclass
@@ -34,17 +45,66 @@ class HeadInfo:
 
 
 def write_head_info(folder: Path, info: HeadInfo) -> None:
-    atomic_write_json(Path(folder) / HEAD_FILE, asdict(info))
+    """Write `info` as head.json, checked as it will be on reading, so no unreadable head is saved."""
+    path = Path(folder) / HEAD_FILE
+    data = asdict(info)
+    head_info_from_dict(data, str(path))
+    atomic_write_json(path, data)
 
 
 def read_head_info(folder: str | Path) -> HeadInfo:
+    """The checked head.json of a LoRA head folder, whose adapter must be safetensors."""
     folder = Path(folder)
     path = folder / HEAD_FILE
     if not path.is_file() or not (folder / "adapter_config.json").is_file():
-        raise ValueError(f"{folder}: not a head folder (needs {HEAD_FILE} and adapter_config.json)")
-    data = json.loads(path.read_text())
+        raise HeadError(f"{folder}: not a head folder (needs {HEAD_FILE} and adapter_config.json)")
+    pickled = [name for name in PICKLE_WEIGHTS if (folder / name).exists()]
+    if pickled:
+        raise HeadError(f"{folder / pickled[0]}: pickle adapter weights are refused (loading a pickle can run "
+                        f"code); only {ADAPTER_WEIGHTS} loads: re-save the adapter with safe_serialization")
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        raise HeadError(f"{folder}: no {ADAPTER_WEIGHTS} (a head's adapter weights, in safetensors)")
+    return read_head_file(path)
+
+
+def read_head_file(path: str | Path) -> HeadInfo:
+    """HeadInfo from a head.json, each field checked; unknown fields are ignored."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise HeadError(f"{path}: not valid JSON ({e})") from None
+    return head_info_from_dict(data, str(path))
+
+
+def head_info_from_dict(data, where: str) -> HeadInfo:
+    """HeadInfo from the parsed head.json `data`; `where` (the file) starts every error."""
+    if not isinstance(data, dict):
+        raise HeadError(f"{where}: expected a JSON object with a 'task' field, got {type(data).__name__}")
+    if "task" not in data:
+        raise HeadError(f"{where}: field 'task' is missing (the task the head was trained for)")
+    for name in ("task", "template", "prompt_style", "base"):
+        if name in data and not isinstance(data[name], str):
+            raise HeadError(f"{where}: field {name!r} must be a string, got {data[name]!r}")
+    _check_choice(data, "template", TEMPLATES, where)
+    _check_choice(data, "prompt_style", PROMPT_STYLES, where)
+    options = data.get("closed_options", ["yes", "no"])
+    # A bare string would be read as its letters ("yes" -> y, e, s), so only a list of words is taken.
+    if not isinstance(options, list) or not options:
+        raise HeadError(f"{where}: field 'closed_options' must be a non-empty list of strings, "
+                        f"e.g. [\"yes\", \"no\"], got {options!r}")
+    bad = next((o for o in options if not isinstance(o, str) or not o.strip()), None)
+    if bad is not None:
+        raise HeadError(f"{where}: field 'closed_options' holds {bad!r}; each option must be a non-empty string")
+    if "metrics" in data and not isinstance(data["metrics"], dict):
+        raise HeadError(f"{where}: field 'metrics' must be an object, got {data['metrics']!r}")
     known = {f for f in HeadInfo.__dataclass_fields__}
     return HeadInfo(**{k: v for k, v in data.items() if k in known})
+
+
+def _check_choice(data: dict, name: str, choices: tuple[str, ...], where: str) -> None:
+    if name in data and data[name] not in choices:
+        raise HeadError(f"{where}: field {name!r} is {data[name]!r}; choose one of {', '.join(choices)}")
 
 
 def head_name(folder: str | Path) -> str:
@@ -57,22 +117,24 @@ def load_with_heads(base: ModelConfig, heads: list[str | Path]):
     Returns `(model, processor, infos)` where `infos` maps head name -> HeadInfo. With no heads the
     plain base model comes back. The first head is active; switch with `use_head`.
     """
-    model, processor = build_model(base)
+    # Every head is checked (head.json, safetensors weights) before the base is loaded, so a bad head
+    # fails in a second, not after minutes of loading.
     infos: dict[str, HeadInfo] = {}
+    for folder in heads:
+        name = head_name(folder)
+        if name in infos:
+            raise HeadError(f"two heads named {name!r}: give head folders distinct names")
+        infos[name] = read_head_info(folder)
+    model, processor = build_model(base)
     if not heads:
         return model, processor, infos
     from peft import PeftModel
 
-    for i, folder in enumerate(heads):
-        info = read_head_info(folder)
-        name = head_name(folder)
-        if name in infos:
-            raise ValueError(f"two heads named {name!r}: give head folders distinct names")
+    for i, (folder, name) in enumerate(zip(heads, infos)):
         if i == 0:
             model = PeftModel.from_pretrained(model, str(folder), adapter_name=name, is_trainable=False)
         else:
             model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
-        infos[name] = info
     model.set_adapter(next(iter(infos)))
     return model.eval(), processor, infos
 

@@ -11,7 +11,8 @@ is `medllava.llm_http`; the reply cache is `medllava.llm_cache`.
 
 The API key is read from the environment variable whose *name* is configured. It is only ever put
 in the Authorization header: it is not stored in the config, the cache, logs, reprs or error
-messages (server error text is scrubbed of it before being shown).
+messages. Server error text, and every reply (a model can echo the key), is scrubbed of it, whole
+or in part, before it is shown, cached or handed to the caller.
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ class UsageStats:
 
     requests: int = 0
     sent: int = 0
+    """Requests that reached the endpoint at least once (whatever came of them)."""
     cached: int = 0
     failed: int = 0
     retries: int = 0
@@ -129,7 +131,11 @@ class UsageStats:
 
 
 class _Cancelled(Exception):
-    """The run was stopped while this request waited to retry."""
+    """The run was stopped while this request waited to retry (`sent`: after at least one attempt)."""
+
+    def __init__(self, sent: bool):
+        super().__init__()
+        self.sent = sent
 
 
 class ChatClient:
@@ -147,6 +153,7 @@ class ChatClient:
         self.cache = ResponseCache(cache_path) if cache_path else None
         self.stats = UsageStats(price_prompt_per_1k=config.price_prompt_per_1k,
                                 price_completion_per_1k=config.price_completion_per_1k)
+        self._stats_lock = threading.Lock()  # workers count their attempts as they make them
 
     def __repr__(self) -> str:
         return (f"ChatClient(url={self.config.url!r}, model={self.config.model!r}, "
@@ -191,7 +198,8 @@ class ChatClient:
                     hit = self.cache.get(h) if self.cache is not None else None
                     if hit is not None:
                         self.stats.cached += 1
-                        yield _result_from(req.key, hit, cached=True)
+                        # Scrubbed again: a cache written before replies were scrubbed may hold the key.
+                        yield _result_from(req.key, self._scrub_reply(hit), cached=True)
                     elif h in by_hash and by_hash[h] in pending:
                         pending[by_hash[h]].append(req.key)
                     else:
@@ -214,6 +222,7 @@ class ChatClient:
             try:
                 result = future.result()
             except EndpointError as e:
+                self.stats.failed += len(keys)
                 fatal = fatal or e
                 continue
             yield from self._account(result, keys)
@@ -225,15 +234,17 @@ class ChatClient:
             done, _ = cf.wait(pending)
             for future in done:
                 keys = pending.pop(future)
-                if not future.cancelled() and future.exception() is None:
+                error = None if future.cancelled() else future.exception()
+                if isinstance(error, EndpointError) or (isinstance(error, _Cancelled) and error.sent):
+                    self.stats.failed += len(keys)  # sent, and no reply will come
+                elif not future.cancelled() and error is None:
                     yield from self._account(future.result(), keys)
             pending.clear()
             raise fatal
 
     def _account(self, result: ChatResult, keys: list[str]) -> Iterator[ChatResult]:
-        self.stats.sent += 1
+        # `sent` and `retries` were counted by the worker as it made each attempt.
         self.stats.cached += len(keys) - 1
-        self.stats.retries += max(0, result.attempts - 1)
         if result.ok:
             self.stats.prompt_tokens += result.prompt_tokens
             self.stats.completion_tokens += result.completion_tokens
@@ -251,9 +262,10 @@ class ChatClient:
         last = "no attempt made"
         for attempt in range(1, cfg.max_attempts + 1):
             if stop.is_set():
-                raise _Cancelled()
+                raise _Cancelled(sent=attempt > 1)
+            self._count_attempt(attempt)
             try:
-                reply = parse_reply(self._endpoint.post(body))
+                reply = self._scrub_reply(parse_reply(self._endpoint.post(body)))
             except RejectedError as e:
                 return ChatResult(req.key, attempts=attempt, error=str(e))
             except TransientError as e:
@@ -263,13 +275,26 @@ class ChatClient:
                 delay = self._delay(attempt, e.retry_after)
                 log.debug("request %s: %s; retry %d/%d in %.2fs", req.key, last, attempt, cfg.max_attempts - 1, delay)
                 if stop.wait(delay):
-                    raise _Cancelled() from None
+                    raise _Cancelled(sent=True) from None
                 continue
             if self.cache is not None:
                 self.cache.put(h, req.key, reply)
             return _result_from(req.key, reply, cached=False, attempts=attempt)
         raise EndpointError(f"endpoint {cfg.url} is down or failing: request {req.key!r} failed "
                             f"{cfg.max_attempts} attempts, last: {last}")
+
+    def _count_attempt(self, attempt: int) -> None:
+        """Counted when made, so a run stopped by a failing endpoint still reports what it sent."""
+        with self._stats_lock:
+            if attempt == 1:
+                self.stats.sent += 1
+            else:
+                self.stats.retries += 1
+
+    def _scrub_reply(self, reply: dict) -> dict:
+        """The reply with the API key masked in its text (a model may echo what it was sent)."""
+        return {**reply, **{k: self._endpoint.scrub(v) for k, v in reply.items()
+                            if k in ("text", "finish_reason") and isinstance(v, str)}}
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         cfg = self.config

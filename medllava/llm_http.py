@@ -12,8 +12,8 @@ its own retry loop with fixed backoff constants and its own timeout and error cl
 between versions, so we would have to switch most of it off and wrap the rest; with urllib every
 one of those decisions is in this file or the client's, and there is no dependency to add.
 
-The API key only ever goes into the Authorization header; server error text is scrubbed of it
-before it is shown.
+The API key only ever goes into the Authorization header. Anything the server sends back (error text,
+replies) is scrubbed of it, whole or in part, before it is shown, cached or written (`scrub_secret`).
 """
 
 from __future__ import annotations
@@ -30,8 +30,14 @@ import urllib.request
 RETRY_STATUSES = frozenset({408, 409, 429})
 # Statuses after which no request can succeed (bad key, no access, wrong URL or model).
 FATAL_STATUSES = frozenset({401, 403, 404})
-_MAX_ERROR_BODY = 300
+_MAX_ERROR_CHARS = 300
+# Error bodies are read well past the shown length so the key is masked before the text is cut:
+# cutting first could leave the start of a key at the cut, where masking no longer recognises it.
+_READ_ERROR_BODY = 1 << 16
 _READ_CHUNK = 1 << 16
+# A run of this many characters of the key is masked wherever it appears (a key cut or split by a
+# server); shorter runs carry too little of the key to matter and would mask ordinary text.
+MIN_SECRET_FRAGMENT = 8
 
 
 class EndpointError(ConnectionError):
@@ -48,6 +54,27 @@ class TransientError(Exception):
 
 class RejectedError(Exception):
     """A failure of this request only (malformed reply, 4xx): counted, not retried, not cached."""
+
+
+def scrub_secret(text: str, secret: str | None, min_fragment: int = MIN_SECRET_FRAGMENT) -> str:
+    """`text` with `secret` masked as ***, and with every run of `min_fragment` or more of its
+    characters (a cut or partial key) masked too."""
+    if not secret or not text:
+        return text
+    m = min(min_fragment, len(secret))
+    grams = {secret[i:i + m] for i in range(len(secret) - m + 1)}
+    out, start, i = [], 0, 0
+    while i <= len(text) - m:
+        if text[i:i + m] not in grams:
+            i += 1
+            continue
+        j = i + m
+        while j < len(text) and text[i:j + 1] in secret:
+            j += 1
+        out += [text[start:i], "***"]
+        start = i = j
+    out.append(text[start:])
+    return "".join(out)
 
 
 def parse_retry_after(headers, now: float | None = None) -> float | None:
@@ -115,8 +142,9 @@ class Endpoint:
         return f"Endpoint(url={self.url!r}, api_key_env={self._api_key_env!r})"
 
     def scrub(self, text: str) -> str:
-        """`text` with the API key masked, for anything that is shown or logged."""
-        return text.replace(self._api_key, "***") if self._api_key else text
+        """`text` with the API key (whole or any run of 8+ of its characters) masked, for anything
+        that is shown, logged, cached or written."""
+        return scrub_secret(text, self._api_key)
 
     def post(self, body: bytes) -> bytes:
         """One HTTP attempt; returns the 2xx body or raises TransientError / RejectedError / EndpointError."""
@@ -142,12 +170,14 @@ class Endpoint:
 
     def _raise_for_status(self, e: urllib.error.HTTPError):
         try:
-            detail = e.read(_MAX_ERROR_BODY).decode("utf-8", "replace")
+            detail = e.read(_READ_ERROR_BODY).decode("utf-8", "replace")
         except (OSError, http.client.HTTPException):
             detail = ""
         finally:
             e.close()
-        status = f"HTTP {e.code}" + (f": {self.scrub(detail).strip()}" if detail.strip() else "")
+        # Scrub the whole body, then cut: a substring of scrubbed text holds no run of the key either.
+        detail = self.scrub(detail).strip()[:_MAX_ERROR_CHARS].strip()
+        status = f"HTTP {e.code}" + (f": {detail}" if detail else "")
         if e.code in RETRY_STATUSES or e.code >= 500:
             raise TransientError(status, parse_retry_after(e.headers)) from None
         if e.code in FATAL_STATUSES or 300 <= e.code < 400:
