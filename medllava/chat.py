@@ -18,7 +18,6 @@ question is asked the same way here; without a head, `--template` and `--prompt-
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from medllava.prompts import PROMPT_STYLES
@@ -67,14 +66,9 @@ def run_chat(args: argparse.Namespace) -> int:
 
 def read_full_head_info(folder: Path):
     """HeadInfo from the head.json of a full-checkpoint head (a folder that is a model, not an adapter)."""
-    from medllava.heads import HEAD_FILE, HeadInfo
+    from medllava.heads import HEAD_FILE, read_head_file
 
-    path = folder / HEAD_FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from None
-    return HeadInfo(**{k: v for k, v in data.items() if k in HeadInfo.__dataclass_fields__})
+    return read_head_file(folder / HEAD_FILE)
 
 
 def answer_batch(model, processor, images: list, questions: list[str], template: str,

@@ -44,6 +44,8 @@ class Encoder:
         key under which its vision features may be cached)."""
         from medllava.images import ImageLoadError, load_image
 
+        # Under an image root, a path that a symlink leads out of it is refused, as `../` is.
+        options = {"root": self.image_root, **self.image_options} if self.image_root else self.image_options
         images, keys = [], []
         for rel in image_paths(record):
             path = (self.image_root or Path(".")) / rel
@@ -51,7 +53,7 @@ class Encoder:
                 raise SkipExample("missing image", str(path))
             keys.append(str(path))
             try:
-                images.append(load_image(path, **self.image_options))
+                images.append(load_image(path, **options))
             except (ImageLoadError, OSError, ValueError) as e:
                 raise SkipExample("unreadable image", f"{path} ({e})") from None
         try:

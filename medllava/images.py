@@ -30,6 +30,9 @@ DEFAULT_MAX_PIXELS = 178_956_970
 # Transparent pixels are laid on white: figures from papers are drawn for a white page.
 _BACKGROUND = (255, 255, 255)
 
+# Values converted to float64 at a time by `stretch_to_uint8` (8 MiB).
+_STRETCH_BLOCK = 1 << 20
+
 # Pillow plugins report corrupt data with assorted exception types.
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
 
@@ -42,6 +45,10 @@ class ImageTooLargeError(ImageLoadError):
     """The image's declared size exceeds `max_pixels` (checked before any decoding)."""
 
 
+class ImageOutsideRootError(ImageLoadError):
+    """The path is, or passes through, a symlink that leads outside the image root."""
+
+
 class MissingDecoderError(ImageLoadError):
     """A DICOM file uses a compressed transfer syntax that no installed plugin decodes."""
 
@@ -52,6 +59,9 @@ def load_image(
     frame: int | None = None,
     window: str | tuple[float, float] | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    root: str | os.PathLike | None = None,
+    dicom_descriptions: bool = False,
+    exclude_burned_in: bool = False,
 ) -> Image.Image:
     """Load `path` as an RGB image (mode "RGB", 8 bits per channel).
 
@@ -65,13 +75,23 @@ def load_image(
     max_pixels: refuse images larger than this (width * height of the frame decoded)
         before decoding; None disables the check. Pillow's own check still stops files
         over twice `PIL.Image.MAX_IMAGE_PIXELS`, whatever `max_pixels` says.
+    root: the image root `path` must stay inside once symlinks are resolved; a path that is, or
+        passes through, a symlink leading out of it is refused (`ImageOutsideRootError`).
+    dicom_descriptions: DICOM only; also return StudyDescription and SeriesDescription in the
+        metadata, cleaned of identifiers (`medllava.dicom.clean_description`). Off by default.
+    exclude_burned_in: DICOM only; refuse files whose header says identifying text is burned into
+        the pixels (BurnedInAnnotation YES) with `medllava.dicom.BurnedInAnnotationError`. Without
+        it they load with a `medllava.dicom.BurnedInAnnotationWarning`.
 
     Greyscale, palette, alpha and high-bit-depth images are converted to RGB: alpha is
     composited on white; 16-bit and 32-bit greyscale (not DICOM) are stretched from their
     min-max range, because such files often hold 10- to 12-bit data in a 16-bit container.
     Camera photos are rotated upright from their EXIF orientation.
     """
-    return load_image_with_metadata(path, frame=frame, window=window, max_pixels=max_pixels)[0]
+    return load_image_with_metadata(
+        path, frame=frame, window=window, max_pixels=max_pixels, root=root,
+        dicom_descriptions=dicom_descriptions, exclude_burned_in=exclude_burned_in,
+    )[0]
 
 
 def load_image_with_metadata(
@@ -80,24 +100,34 @@ def load_image_with_metadata(
     frame: int | None = None,
     window: str | tuple[float, float] | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    root: str | os.PathLike | None = None,
+    dicom_descriptions: bool = False,
+    exclude_burned_in: bool = False,
 ) -> tuple[Image.Image, dict[str, Any]]:
     """Like `load_image`, also returning a JSON-serialisable metadata dict.
 
     For Pillow formats: `format`, `size` ([width, height]), `mode` (as stored), `frame`,
     `n_frames`, and `value_range` when a high-bit-depth image was stretched.
-    For DICOM: the same keys plus an allow-listed, de-identified subset of the header and
-    what was done to the pixels (`window`, `value_range`, `transfer_syntax`); see
-    `medllava.dicom.METADATA_KEYWORDS`. No patient names, IDs, dates or free text.
+    For DICOM: the same keys plus the header's coded and numeric values (see
+    `medllava.dicom.METADATA_KEYWORDS`), `burned_in_annotation` (True, False or None when the
+    header is silent) and what was done to the pixels (`window`, `value_range`, `transfer_syntax`).
+    No patient names, IDs, dates or free text, unless `dicom_descriptions` asks for the cleaned
+    descriptions.
     """
     path = Path(path)
     _check_options(frame, window, max_pixels)
+    if root is not None:
+        check_inside_root(path, Path(root))
     frame = None if frame is None else int(frame)
     kind = _sniff(path)
     if kind == "pillow":
         return _load_with_pillow(path, frame, max_pixels)
     from medllava import dicom
 
-    return dicom.load_dicom(path, frame=frame, window=window, max_pixels=max_pixels, force=kind == "dicom-raw")
+    return dicom.load_dicom(
+        path, frame=frame, window=window, max_pixels=max_pixels, force=kind == "dicom-raw",
+        descriptions=dicom_descriptions, exclude_burned_in=exclude_burned_in,
+    )
 
 
 def check_pixels(path: Path, width: int, height: int, max_pixels: int | None) -> None:
@@ -107,6 +137,16 @@ def check_pixels(path: Path, width: int, height: int, max_pixels: int | None) ->
             f"{path}: image is {width}x{height} = {width * height:,} pixels, over the limit of "
             f"{max_pixels:,} (max_pixels); refusing to decode it"
         )
+
+
+def check_inside_root(path: Path, root: Path) -> None:
+    """Raise `ImageOutsideRootError` when `path`, symlinks resolved, is not inside `root`;
+    see `medllava.records.symlink_escape`."""
+    from medllava.records import symlink_escape
+
+    reason = symlink_escape(path, root)
+    if reason:
+        raise ImageOutsideRootError(f"{path}: {reason}")
 
 
 def _check_options(frame, window, max_pixels) -> None:
@@ -241,18 +281,38 @@ def stretch_to_uint8(values: np.ndarray) -> tuple[np.ndarray, list[float]]:
 
     Returns the uint8 array (same shape) and `[min, max]` as plain floats. NaN and
     infinities (float images) are left out of the range and shown as 0.
+
+    Memory is the input plus the uint8 output plus one block of `_STRETCH_BLOCK` values: the
+    arithmetic runs block by block, because float64 copies of a whole 16-bit image under Pillow's
+    pixel limit took over 2 GB.
     """
     values = np.asarray(values)
-    finite = np.isfinite(values) if values.dtype.kind == "f" else None
-    if finite is not None and finite.all():
-        finite = None
-    present = values if finite is None else values[finite]
-    if present.size == 0:
-        return np.zeros(values.shape, dtype=np.uint8), [0.0, 0.0]
-    lo, hi = float(present.min()), float(present.max())
-    if hi == lo:
-        return np.zeros(values.shape, dtype=np.uint8), [lo, hi]
-    scaled = (values.astype(np.float64) - lo) * (255.0 / (hi - lo))
-    if finite is not None:
-        scaled[~finite] = 0.0
-    return np.rint(np.clip(scaled, 0, 255)).astype(np.uint8), [lo, hi]
+    lo, hi = _finite_range(values)
+    out = np.zeros(values.shape, dtype=np.uint8)
+    if lo is None or hi == lo:
+        return out, [lo or 0.0, hi or 0.0]
+    flat_in, flat_out = values.reshape(-1), out.reshape(-1)
+    scale = 255.0 / (hi - lo)
+    for start in range(0, flat_in.size, _STRETCH_BLOCK):
+        block = flat_in[start:start + _STRETCH_BLOCK].astype(np.float64)
+        block -= lo
+        block *= scale
+        block[~np.isfinite(block)] = 0.0
+        np.rint(block, out=block)
+        np.clip(block, 0, 255, out=block)
+        flat_out[start:start + _STRETCH_BLOCK] = block
+    return out, [lo, hi]
+
+
+
+def _finite_range(values: np.ndarray) -> tuple[float | None, float | None]:
+    """(min, max) over the finite values, without a full-size copy; (None, None) when there are none."""
+    if values.size == 0:
+        return None, None
+    if values.dtype.kind != "f":
+        return float(values.min()), float(values.max())
+    finite = np.isfinite(values)  # 1 byte a value: the one full-size temporary
+    lo = float(np.min(values, initial=np.inf, where=finite))
+    if lo == np.inf:
+        return None, None
+    return lo, float(np.max(values, initial=-np.inf, where=finite))

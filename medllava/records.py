@@ -69,6 +69,43 @@ def check_image_path(path: str) -> str:
     return norm
 
 
+def symlink_escape(path: Path, root: Path) -> str | None:
+    """Why `path` leaves `root` once symlinks are resolved, or None when it stays inside.
+
+    The lexical check (`check_image_path`) cannot see links: `scans/a.png` may be a symlink to
+    /home/someone/other.png, or `scans` a symlink to /. `root` itself may be a symlink (a dataset
+    mounted elsewhere); what counts is where each link below it leads. The reason names the first
+    link on the way that leads out.
+    """
+    # absolute() keeps "..": collapsing "link/.." by hand would skip the link the OS follows.
+    root, path = Path(root).absolute(), Path(path).absolute()
+    real_root = root.resolve()
+    if path.resolve().is_relative_to(real_root):
+        return None
+    if not path.is_relative_to(root):
+        return f"not under the image root {root}"
+    current = root
+    for step in path.relative_to(root).parts:
+        current = current / step
+        if current.is_symlink() and not current.resolve().is_relative_to(real_root):
+            return f"{current} is a symlink to {current.resolve()}, outside the image root {root}"
+    return f"resolves to {path.resolve()}, outside the image root {root}"
+
+
+def resolve_image_path(root: str | os.PathLike, path: str, where: str = "record") -> Path:
+    """`root / path` for an image path read from a record, after both checks: lexical
+    (`check_image_path`) and symlinks (`symlink_escape`). Raises RecordError whose one line names
+    `where` (e.g. "data.json: record 'r12'") and the file."""
+    try:
+        full = Path(root) / check_image_path(path)
+    except ValueError as e:
+        raise RecordError(f"{where}: {e}") from None
+    reason = symlink_escape(full, Path(root))
+    if reason:
+        raise RecordError(f"{where}: image {path!r} refused: {reason}")
+    return full
+
+
 def normalize_record(raw: Any, where: str = "") -> dict:
     """Validate one raw record and return it in canonical form.
 
