@@ -16,6 +16,7 @@ Callers use `medllava.images.load_image`; this module is its DICOM half.
 from __future__ import annotations
 
 import numbers
+import os
 import re
 import unicodedata
 import warnings
@@ -185,10 +186,27 @@ def load_dicom(
     return image, meta
 
 
+class _CappedReads:
+    """A binary file whose `read(n)` never asks for more than the bytes left in it. pydicom reads an
+    element by its declared length, and a corrupt length declaring gigabytes allocates that much before
+    the read comes up short."""
+
+    def __init__(self, f, size: int):
+        self._f, self._size = f, size
+
+    def read(self, n: int | None = -1) -> bytes:
+        left = max(0, self._size - self._f.tell())
+        return self._f.read(left if n is None or n < 0 or n > left else n)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
 def _read(path: Path, force: bool) -> Dataset:
     """Parse the file (pixel bytes included, undecoded) and check it holds an image."""
     try:
-        ds = pydicom.dcmread(path, force=force)
+        with open(path, "rb") as f:
+            ds = pydicom.dcmread(_CappedReads(f, os.fstat(f.fileno()).st_size), force=force)
     except _READ_ERRORS as e:
         raise ImageLoadError(f"{path}: not a readable DICOM file ({e})") from e
     if not any(k in ds for k in _PIXEL_DATA_KEYWORDS):

@@ -33,8 +33,8 @@ _BACKGROUND = (255, 255, 255)
 # Values converted to float64 at a time by `stretch_to_uint8` (8 MiB).
 _STRETCH_BLOCK = 1 << 20
 
-# Pillow plugins report corrupt data with assorted exception types.
-_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
+# Pillow plugins report corrupt data with assorted exception types (a TIFF tag of the wrong type: TypeError).
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error)
 
 
 class ImageLoadError(OSError):
