@@ -5,7 +5,8 @@ for `--min-confidence`); the section is turned into that step's arguments and pa
 step's own parser, so the config accepts exactly what the command line does. A step whose
 output exists with a `.done.json` stamp matching its arguments and input files is skipped, so
 re-running after a crash redoes only the unfinished steps (outputs are written atomically, so
-an output on disk is complete). The temporaries a killed run left beside the outputs are removed
+an output on disk is complete). One run writes a folder at a time (a lock beside it,
+`medllava.io.output_lock`), so the temporaries a killed run left beside the outputs are removed
 first, so they do not pile up, including those of steps that are then skipped as up to date (a step
 that runs also clears its own, and extract those in its images folder).
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from medllava.io import DataError, atomic_write_json, atomic_write_text
+from medllava.locks import output_lock
 
 from curation.common import clear_stale_temps
 
@@ -110,10 +112,18 @@ def _stamp(argv: list[str], inp: Path | None) -> dict:
 
 
 def run_pipeline(config_path: Path) -> list[str]:
-    """Run (or resume) every configured step; returns the names of the steps that ran."""
+    """Run (or resume) every configured step; returns the names of the steps that ran.
+
+    The output folder is locked for the whole run (`output_lock`): a second run into it is refused
+    at once, so the temporaries cleared below can only be a killed run's."""
     config = load_config(config_path)
     base = config_path.parent
     out_dir = Path(_resolve(config["out_dir"], base))
+    with output_lock(out_dir, f"medllava curate pipeline --config {config_path}"):
+        return _run_locked(config, config_path, base, out_dir)
+
+
+def _run_locked(config: dict, config_path: Path, base: Path, out_dir: Path) -> list[str]:
     out_dir.mkdir(parents=True, exist_ok=True)
     # The run folder keeps the config it was made from, so the set can be rebuilt.
     atomic_write_text(out_dir / "pipeline.yaml", config_path.read_text(encoding="utf-8"))
@@ -127,7 +137,7 @@ def run_pipeline(config_path: Path) -> list[str]:
         args = parse_step(importlib.import_module(module_name), argv, f"{config_path}: {section}")
         plan.append((section, out, argv, args, previous))
         previous = out
-    # This run is the only writer of its folder, so any temporary there was left by a killed run.
+    # This run holds the folder's lock, so any temporary there was left by a killed run.
     # Cleared here for every step, since a step skipped as up to date never clears its own.
     clear_stale_temps([out_dir / "pipeline.yaml", *(out for _, out, *_ in plan)])
     ran = []

@@ -13,6 +13,9 @@ warning). Each output folder holds:
                      run resumes where it stopped ({"qid", "prediction", "question", ...})
   metrics.json, items.jsonl, report.md and its PNG plots, from `eval.scoring` / `eval.report`
 
+One run writes an output folder at a time: `--out` is locked (`medllava.io.output_lock`) from
+before the model loads to the report, and a second run into it stops at once naming the first's PID.
+
 Questions whose image cannot be read are skipped, counted and listed in metrics.json (and
 scored as empty answers); they are tried again when the run is resumed.
 """
@@ -199,8 +202,7 @@ def _answer_batch(model, processor, batch, images, asking, mode, max_new_tokens)
 
 
 def run(args: argparse.Namespace) -> int:
-    from medllava.heads import load_with_heads, use_head
-    from medllava.model import ModelConfig
+    from medllava.locks import output_lock
 
     from eval.tasks import load_task
 
@@ -209,10 +211,21 @@ def run(args: argparse.Namespace) -> int:
     device, dtype = _device_and_dtype(args.device, args.dtype)
     task = load_task(args.task, args.root, args.split, **dict(args.option))
     examples = task.examples[:args.limit] if args.limit else task.examples
+    out = args.out or Path("runs") / "eval" / f"{task.name}_{task.split}_{Path(args.model).name}"
+    # Taken before the model loads, so a second run into the folder is refused at once instead of
+    # answering every question again into the same predictions.jsonl.
+    with output_lock(out, f"medllava eval run --task {args.task} --model {args.model} --out {out}"):
+        return _run_locked(args, task, examples, out, device, dtype)
+
+
+def _run_locked(args: argparse.Namespace, task, examples, out: Path, device: str, dtype: str) -> int:
+    """The rest of `run`, while this process holds the lock of `out`."""
+    from medllava.heads import load_with_heads, use_head
+    from medllava.model import ModelConfig
+
     # The base is loaded once; each head is switched on in turn (heads share the base's weights).
     model, processor, infos = load_with_heads(ModelConfig(name_or_path=args.model, dtype=dtype), args.head)
     model.to(device)
-    out = args.out or Path("runs") / "eval" / f"{task.name}_{task.split}_{Path(args.model).name}"
     for name in list(infos) or [None]:
         if name is not None:
             use_head(model, name)

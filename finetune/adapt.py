@@ -3,12 +3,14 @@
 Stage 1 (`align`) trains the projector on figure-caption pairs; stage 2 (`instruct`) starts from
 stage 1's model and trains projector + language model on instruction conversations. Each stage
 writes into its own folder under the run directory, and a finished stage is never redone, so the
-same command, run again after a crash, picks up where the run stopped.
+same command, run again after a crash, picks up where the run stopped. One run writes a run
+directory at a time (`run_dir_lock`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -41,10 +43,30 @@ def main(args: argparse.Namespace) -> int:
 
 def run_adapt(cfg: AdaptConfig, stages: list[str], command: str = "") -> dict[str, dict]:
     """Run `stages` of the curriculum; returns each stage's completion record."""
-    from finetune.stages import RunSettings, describe_train_loss, run_stage
     from finetune.trainer import is_main_process
 
     run_dir = Path(cfg.run_dir)
+    with run_dir_lock(run_dir, command or "medllava adapt", is_main_process()):
+        return _run_locked(cfg, stages, command, run_dir)
+
+
+def run_dir_lock(run_dir: Path, command: str, main_process: bool):
+    """The run folder's `output_lock`, taken by the main process (RANK unset or 0) only.
+
+    Under torchrun or DeepSpeed every rank runs this code on one run folder: a lock per rank on
+    the same file would refuse every rank but the first, so the other ranks take none. A second
+    launch is still stopped, by its rank 0; the launcher then ends that launch's other ranks.
+    """
+    from medllava.locks import output_lock
+
+    return output_lock(run_dir, command) if main_process else contextlib.nullcontext()
+
+
+def _run_locked(cfg: AdaptConfig, stages: list[str], command: str, run_dir: Path) -> dict[str, dict]:
+    """The rest of `run_adapt`, while the main process holds the run folder's lock."""
+    from finetune.stages import RunSettings, describe_train_loss, run_stage
+    from finetune.trainer import is_main_process
+
     claim_run_dir(run_dir, cfg, command or "medllava adapt", f"medllava adapt --config {run_dir / 'config.yaml'}",
                   is_main_process())
     settings = RunSettings(seed=cfg.seed, bf16=cfg.bf16, deepspeed=cfg.deepspeed, report_to=tuple(cfg.report_to))

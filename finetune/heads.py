@@ -15,11 +15,15 @@ Run folder (`run_dir`):
     data/{train,validation}.jsonl, data/report.json   the conversations trained and validated on
     train/                      the stage folder (checkpoints, data order, completion record)
     <run_dir name>-head/        the head folder (unless `head.dir` says otherwise)
+
+One run writes a run folder (and its head folder) at a time: both are locked for the whole run
+(`head_locks`), and a second run into either stops at once naming the first's PID.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -176,12 +180,30 @@ def run_finetune(cfg: FinetuneConfig, command: str = "") -> dict:
         raise ConfigError("train.data.path and train.data.image_root are filled in from the task; "
                           "set task.root instead")
     run_dir = Path(cfg.run_dir)
-    # The data is read before the run folder is claimed, so a wrong dataset path leaves no run behind.
-    made = read_task_data(cfg, run_dir / "data")
-    claim_run_dir(run_dir, cfg, command or "medllava finetune", f"medllava finetune --task {run_dir / 'config.yaml'}",
-                  is_main_process())
-    train_data, val_data = write_task_data(cfg, made, run_dir / "data")
-    return train_head(cfg, train_data, val_data)
+    with head_locks(cfg, command or "medllava finetune", is_main_process()):
+        # The data is read before the run folder is claimed, so a wrong dataset path leaves no run behind.
+        made = read_task_data(cfg, run_dir / "data")
+        claim_run_dir(run_dir, cfg, command or "medllava finetune",
+                      f"medllava finetune --task {run_dir / 'config.yaml'}", is_main_process())
+        train_data, val_data = write_task_data(cfg, made, run_dir / "data")
+        return train_head(cfg, train_data, val_data)
+
+
+def head_locks(cfg: FinetuneConfig, command: str, main_process: bool) -> contextlib.ExitStack:
+    """The locks of the run folder and of the head folder (when it is not inside the run folder),
+    held by the main process only, as in `finetune.adapt.run_dir_lock`."""
+    from finetune.adapt import run_dir_lock
+
+    run_dir, head = Path(cfg.run_dir), head_dir(cfg)
+    stack = contextlib.ExitStack()
+    try:
+        stack.enter_context(run_dir_lock(run_dir, command, main_process))
+        if not head.resolve().is_relative_to(run_dir.resolve()):
+            stack.enter_context(run_dir_lock(head, command, main_process))
+    except BaseException:
+        stack.close()  # a refused head lock gives the run folder's back
+        raise
+    return stack
 
 
 def read_task_data(cfg: FinetuneConfig, out: Path) -> dict:

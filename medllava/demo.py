@@ -12,7 +12,8 @@ One commented script of the real commands, top to bottom:
   7. report   Markdown + PNG plots; its path is printed
 
 Every step is the same command a user runs, and each resumes or skips finished work, so running
-`medllava demo` again after an interruption finishes the job without redoing it.
+`medllava demo` again after an interruption finishes the job without redoing it. One demo runs in
+a work folder at a time (`medllava.io.output_lock`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from medllava.io import atomic_open, atomic_write_text, write_jsonl
+from medllava.locks import output_lock
 
 DICOM_FILES = ("CT_small.dcm", "examples_overlay.dcm")
 IMAGING = ["chest_xray", "ct_scan", "mri", "histology", "gross"]
@@ -69,9 +71,11 @@ def run(args: argparse.Namespace) -> int:
         ("eval", lambda: evaluate(work)),
         ("report", lambda: report(work, time.time() - started)),
     ]
-    for i, (name, step) in enumerate(steps, start=1):
-        print(f"\n=== medllava demo [{i}/{len(steps)}] {name} ===", flush=True)
-        step()
+    # The whole work folder is this run's; each command below also locks its own subfolder.
+    with output_lock(work, f"medllava demo --out {work}"):
+        for i, (name, step) in enumerate(steps, start=1):
+            print(f"\n=== medllava demo [{i}/{len(steps)}] {name} ===", flush=True)
+            step()
     print(f"\ndemo finished in {time.time() - started:.0f} s; report: {work / 'report.md'}")
     return 0
 
