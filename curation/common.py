@@ -1,5 +1,5 @@
-"""What every curation step shares: the end-of-run count report, reading figure records, and
-clearing the temporaries a killed earlier run left beside a step's outputs.
+"""What every curation step shares: the end-of-run count report, reading figure records, bounded
+reads of untrusted files, and clearing the temporaries a killed earlier run left beside a step's outputs.
 
 A step never dies on one bad record: it counts it under a reason, keeps a few examples, and
 prints the tally at the end, so a 15M-record run tells exactly what it dropped and why.
@@ -7,6 +7,7 @@ prints the tally at the end, so a 15M-record run tells exactly what it dropped a
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections import Counter
@@ -16,6 +17,8 @@ from pathlib import Path
 from medllava.io import DataError, read_jsonl, remove_stale_temps, remove_stale_temps_under
 
 from curation.sources import is_llava_med_record, llava_med_to_figure
+
+_CHUNK = 2**20  # read size for streams
 
 
 class StepReport:
@@ -118,3 +121,44 @@ def clear_stale_temps(outputs: Iterable[str | os.PathLike], folders: Iterable[st
 
 def dumps(record: dict) -> str:
     return json.dumps(record, ensure_ascii=False)
+
+
+class Rejected(ValueError):
+    """One file or package member refused (over a size cap, not an image); the message says why."""
+
+
+class TooLarge(Rejected):
+    """Over a size cap; the message names the cap."""
+
+
+def read_capped(f, cap: int, size: int | None = None) -> bytes:
+    """At most `cap` bytes from `f`, read in chunks; TooLarge (naming the cap) if there are more."""
+    if size is not None and size > cap:
+        raise TooLarge(f"{size} bytes, over the {mib(cap)} limit")
+    buf = bytearray()
+    while chunk := f.read(min(_CHUNK, cap + 1 - len(buf))):
+        buf += chunk
+        if len(buf) > cap:
+            raise TooLarge(f"over the {mib(cap)} limit")
+    return bytes(buf)
+
+
+def mib(n: int) -> str:
+    """A byte count in MiB, for messages ("64 MiB")."""
+    return f"{n / 2**20:g} MiB"
+
+
+def check_image(data: bytes) -> None:
+    """Rejected unless Pillow reads `data` as an image with intact headers (PNG: chunk checksums too).
+
+    No pixels are decoded, so this is cheap; a decompression bomb is refused by Pillow's pixel limit.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()
+    except Image.UnidentifiedImageError:
+        raise Rejected("not an image file Pillow recognises") from None
+    except Exception as e:  # noqa: BLE001 - hostile bytes raise many kinds inside Pillow
+        raise Rejected(f"not a decodable image ({type(e).__name__}: {e})") from None

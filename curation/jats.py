@@ -8,6 +8,10 @@ Figures are `<fig>` elements (also inside `<fig-group>` and `<floats-group>`) an
 `<graphic>` elements standing outside any figure or table. Mentions are the body sentences whose
 `<xref ref-type="fig">` cites the figure; a rid listing several ids cites each of them, and a
 citation of a `<fig-group>` cites every figure in it.
+
+Every tree walk here is a loop over an explicit stack, never Python recursion: an article nested
+thousands of elements deep (hostile or broken) costs time and memory in proportion to its size,
+and never a RecursionError.
 """
 
 from __future__ import annotations
@@ -22,12 +26,23 @@ XLINK_HREF = "{http://www.w3.org/1999/xlink}href"
 # Elements whose text never belongs to the running body text of a paragraph.
 FLOATS = {"fig", "fig-group", "table-wrap", "table-wrap-group", "supplementary-material", "graphic",
           "media", "boxed-text", "chem-struct-wrap", "disp-formula"}
+# Floats whose graphics are not figures.
+TABLE_LIKE = {"table-wrap", "table-wrap-group", "supplementary-material", "chem-struct-wrap", "disp-formula"}
 # Elements that start a new block; their text is separated from the neighbours by a space.
 BLOCKS = {"p", "title", "list-item", "def-item", "td", "th", "label", "caption", "disp-quote"}
 
 
+# Real articles hold tens of thousands of elements; a parsed element costs ~100-200 bytes, so this
+# bounds the tree's memory whatever the file holds.
+MAX_ELEMENTS = 1_000_000
+
+
 class UnsafeXMLError(ValueError):
     """The document declares entities (the vector for entity-expansion and external-entity attacks)."""
+
+
+class ArticleTooLargeError(ValueError):
+    """The document holds more elements than any real article (MAX_ELEMENTS)."""
 
 
 @dataclass
@@ -79,8 +94,12 @@ def _check_prolog(data: bytes) -> None:
 
 
 def parse_xml(data: bytes) -> ET.Element:
-    """Parse untrusted XML safely; raises UnsafeXMLError or ET.ParseError."""
+    """Parse untrusted XML safely; raises UnsafeXMLError, ArticleTooLargeError or ET.ParseError."""
     _check_prolog(data)
+    # Start tags (an upper bound on the elements), counted before building any.
+    elements = data.count(b"<") - data.count(b"</")
+    if elements > MAX_ELEMENTS:
+        raise ArticleTooLargeError(f"{elements} elements, more than the {MAX_ELEMENTS} any real article holds")
     parser = ET.XMLParser()
     parser.feed(data)
     return parser.close()
@@ -110,24 +129,26 @@ def flat_text(el: ET.Element | None, skip: frozenset[str] = frozenset()) -> str:
     if el is None:
         return ""
     parts: list[str] = []
-    _collect(el, parts, skip)
+    # Items are elements still to open or strings to emit, so the walk needs no recursion.
+    stack: list[ET.Element | str] = [el]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            parts.append(item)
+            continue
+        name = local(item.tag)
+        block = name in BLOCKS
+        if block:
+            parts.append(" ")
+            stack.append(" ")
+        if item.text and name:
+            parts.append(item.text)
+        for child in reversed(item):
+            if child.tail:
+                stack.append(child.tail)
+            if local(child.tag) not in skip:
+                stack.append(child)
     return squash("".join(parts))
-
-
-def _collect(el: ET.Element, parts: list[str], skip: frozenset[str]) -> None:
-    name = local(el.tag)
-    block = name in BLOCKS
-    if block:
-        parts.append(" ")
-    if el.text and name:
-        parts.append(el.text)
-    for child in el:
-        if local(child.tag) not in skip:
-            _collect(child, parts, skip)
-        if child.tail:
-            parts.append(child.tail)
-    if block:
-        parts.append(" ")
 
 
 def caption_text(title: str, text: str) -> str:
@@ -178,11 +199,11 @@ _LICENCE_TEXT = [("noncommercial-noderivs", "CC BY-NC-ND"), ("noncommercial-no d
 def _licence(root: ET.Element) -> str | None:
     """Short licence name from the licence URL if there is one, else from the licence text."""
     front = next((el for el in root if local(el.tag) == "front"), root)
-    for el in front.iter():
-        if local(el.tag) not in ("license", "license_ref"):
-            continue
-        urls = [v for k, v in el.attrib.items() if local(k) in ("href", "resource")]
-        urls += [flat_text(sub) for sub in el.iter() if local(sub.tag) == "license_ref"]
+    for el in _outermost(front, ("license", "license_ref")):
+        nested = [sub for sub in el.iter() if local(sub.tag) in ("license", "license_ref")]
+        urls = [v for sub in nested for k, v in sub.attrib.items() if local(k) in ("href", "resource")]
+        refs = [el] if local(el.tag) == "license_ref" else _outermost(el, ("license_ref",))
+        urls += [flat_text(ref) for ref in refs]  # an outer ref's text holds its nested refs' text
         for url in urls:
             for key, name in _LICENCE_URLS:
                 if key in url.lower():
@@ -193,6 +214,22 @@ def _licence(root: ET.Element) -> str | None:
             if key.replace("-", " ") in text:
                 return name
     return None
+
+
+def _outermost(top: ET.Element, names: tuple[str, ...]):
+    """Elements under `top` named in `names` that have no such ancestor, in document order.
+
+    A nested one holds nothing its ancestor does not, and skipping it keeps nested licences linear.
+    """
+    stack = [iter(top)]
+    while stack:
+        child = next(stack[-1], None)
+        if child is None:
+            stack.pop()
+        elif local(child.tag) in names:
+            yield child
+        else:
+            stack.append(iter(child))
 
 
 def _figure_from(el: ET.Element, fallback_caption: ET.Element | None, index: int) -> Figure:
@@ -222,40 +259,45 @@ def _figures(root: ET.Element) -> tuple[list[Figure], dict[str, list[str]]]:
     figures: list[Figure] = []
     groups: dict[str, list[str]] = {}
 
-    def walk(el: ET.Element, in_table: bool) -> None:
-        previous = None  # the last <fig> among these siblings, if it is the previous element
-        for child in el:
-            name = local(child.tag)
-            if previous is not None and name != "graphic":
-                previous = None
-            if name == "fig-group":
-                members = [c for c in child if local(c.tag) == "fig"]
-                shared = _child(child, "caption")
-                if members:
-                    made = [_figure_from(f, shared, len(figures) + i + 1) for i, f in enumerate(members)]
-                    if not any(f.href for f in made):
-                        # The group holds the only graphic: every member figure shows it.
-                        group_href = next((_href(g) for g in child if local(g.tag) == "graphic"), None)
-                        for f in made:
-                            f.href = group_href
-                    figures.extend(made)
-                    if child.get("id"):
-                        groups[child.get("id")] = [f.figure_id for f in made]
-                else:
-                    figures.append(_figure_from(child, None, len(figures) + 1))
-            elif name == "fig" and not in_table:
-                figures.append(_figure_from(child, None, len(figures) + 1))
-                previous = figures[-1]
-            elif name == "graphic" and not in_table and _child(child, "caption") is not None:
-                figures.append(_figure_from(child, None, len(figures) + 1))
-            elif name == "graphic" and previous is not None and previous.href is None:
-                # Some older articles put a figure's graphic right after the <fig> instead of inside it.
-                previous.href = _href(child)
+    # One frame per open element: its children still to visit, whether it sits in a table-like
+    # float, and the last <fig> among those children if it is the previous element.
+    stack: list[list] = [[iter(root), False, None]]
+    while stack:
+        frame = stack[-1]
+        child = next(frame[0], None)
+        if child is None:
+            stack.pop()
+            continue
+        in_table, previous = frame[1], frame[2]
+        name = local(child.tag)
+        if previous is not None and name != "graphic":
+            previous = frame[2] = None
+        if name == "fig-group":
+            members = [c for c in child if local(c.tag) == "fig"]
+            shared = _child(child, "caption")
+            if members:
+                made = [_figure_from(f, shared, len(figures) + i + 1) for i, f in enumerate(members)]
+                if not any(f.href for f in made):
+                    # The group holds the only graphic: every member figure shows it.
+                    group_href = next((_href(g) for g in child if local(g.tag) == "graphic"), None)
+                    for f in made:
+                        f.href = group_href
+                figures.extend(made)
+                if child.get("id"):
+                    groups[child.get("id")] = [f.figure_id for f in made]
             else:
-                walk(child, in_table or name in ("table-wrap", "table-wrap-group", "supplementary-material",
-                                                 "chem-struct-wrap", "disp-formula"))
+                figures.append(_figure_from(child, None, len(figures) + 1))
+        elif name == "fig" and not in_table:
+            figures.append(_figure_from(child, None, len(figures) + 1))
+            frame[2] = figures[-1]
+        elif name == "graphic" and not in_table and _child(child, "caption") is not None:
+            figures.append(_figure_from(child, None, len(figures) + 1))
+        elif name == "graphic" and previous is not None and previous.href is None:
+            # Some older articles put a figure's graphic right after the <fig> instead of inside it.
+            previous.href = _href(child)
+        else:
+            stack.append([iter(child), in_table or name in TABLE_LIKE, None])
 
-    walk(root, False)
     seen: dict[str, int] = {}
     for f in figures:
         # Figure ids key the records, so a (malformed) repeated id gets a suffix.
@@ -277,13 +319,16 @@ _ABBREV = {"fig", "figs", "al", "e.g", "i.e", "eg", "ie", "vs", "cf", "ca", "app
 
 
 _LAST_WORD = re.compile(r"[^\s(\[]*$")
+_WORD_WINDOW = 32  # longer than any abbreviation above
 
 
 def split_sentences(text: str) -> list[tuple[int, int]]:
     """(start, end) character spans of the sentences in `text` (any whitespace, not only spaces)."""
     spans, start = [], 0
     for m in _BOUNDARY.finditer(text):
-        word = _LAST_WORD.search(text, start, m.start()).group().lower()
+        # Only a short word can be an abbreviation or an initial, so a short window is enough, and it
+        # keeps a long unspaced run or many skipped abbreviations from making this quadratic.
+        word = _LAST_WORD.search(text, max(start, m.start() - _WORD_WINDOW), m.start()).group().lower()
         if word in _ABBREV or (len(word) == 1 and word.isalpha()):
             continue
         spans.append((start, m.start() + 1))
@@ -304,19 +349,22 @@ def _paragraph_with_xrefs(p: ET.Element) -> tuple[str, list[tuple[int, list[str]
         parts.append(s)
         size += len(s)
 
-    def walk(el: ET.Element) -> None:
+    stack: list[ET.Element | str] = [p]  # elements to open, strings (tails) to add
+    while stack:
+        el = stack.pop()
+        if isinstance(el, str):
+            add(el)
+            continue
         if local(el.tag) == "xref" and el.get("ref-type") == "fig" and el.get("rid"):
             cites.append((size, el.get("rid").split()))
         if el.text:
             add(el.text)
-        for child in el:
+        for child in reversed(el):
+            if child.tail:
+                stack.append(child.tail)
             name = local(child.tag)
             if name and name not in FLOATS and name not in ("p", "list", "def-list"):
-                walk(child)
-            if child.tail:
-                add(child.tail)
-
-    walk(p)
+                stack.append(child)
     # The text keeps its raw whitespace so the offsets stay valid; sentences are squashed when cut out.
     return "".join(parts), cites
 
@@ -343,11 +391,16 @@ def _attach_mentions(root: ET.Element, figures: list[Figure], groups: dict[str, 
 
 
 def _body_paragraphs(body: ET.Element):
-    """Body `<p>` elements outside floats (figure and table captions are not running text)."""
-    for child in body:
+    """Body `<p>` elements outside floats (figure and table captions are not running text), in order."""
+    stack = [iter(body)]
+    while stack:
+        child = next(stack[-1], None)
+        if child is None:
+            stack.pop()
+            continue
         name = local(child.tag)
         if name in FLOATS or not name:
             continue
         if name == "p":
             yield child
-        yield from _body_paragraphs(child)
+        stack.append(iter(child))

@@ -147,8 +147,11 @@ def test_entity_declarations_are_refused():
 
 
 def test_package_images_resolved_by_stem_preferring_jpeg(tmp_path):
+    png, eps = io.BytesIO(), b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n%%EndComments\n%%EOF\n"
+    Image.new("RGB", (16, 16), "blue").save(png, "PNG")
+    # Only the copied ones (the best-ranked per figure) must be real images: extract checks them.
     images = {"pone.0046493.g001.tif": b"tif", "pone.0046493.g001.jpg": _jpeg("red"),
-              "pone.0046493.g002.gif": b"gif", "pone.0046493.g002.png": b"png", "pone.0046493.g003.eps": b"eps",
+              "pone.0046493.g002.gif": b"gif", "pone.0046493.g002.png": png.getvalue(), "pone.0046493.g003.eps": eps,
               "pone.0046493.pdf": b"pdf"}
     make_package(tmp_path / "in" / "PMC3460867.tar.gz", PLOS, "PMC3460867", images)
     out = tmp_path / "figs.jsonl"
