@@ -37,6 +37,8 @@ class StepReport:
         self.skip_log: list[dict] | None = [] if log_skips else None
 
     def skip(self, reason: str, example: str | None = None) -> None:
+        if example is not None:  # one line, however the error that made it was worded (tarfile's spans five)
+            example = " ".join(line.strip() for line in example.splitlines() if line.strip())
         self.skipped[reason] += 1
         if self.skip_log is not None:
             self.skip_log.append({"reason": reason, "detail": example})

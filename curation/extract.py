@@ -26,6 +26,7 @@ import stat
 import tarfile
 import zlib
 import xml.etree.ElementTree as ET
+from xml.parsers import expat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -400,7 +401,7 @@ def _article(source: ArticleInput, images_out: Path | None, report: StepReport,
     except UnsafeXMLError as e:
         report.skip("unsafe XML", f"{source.name}: {e}")
         return None
-    except (ET.ParseError, ValueError) as e:
+    except (ET.ParseError, expat.ExpatError, ValueError) as e:  # expat's own, from the prolog check
         report.skip("malformed XML", f"{source.name}: {e}")
         return None
     found = PMCID.search(article.pmcid or "") or PMCID.search(source.name)

@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from fuzzing import BUDGET_BYTES, mutate
 from pydicom.data import get_testdata_file
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_IMAGES = REPO / "medllava" / "assets" / "demo" / "images"
 CASES_PER_SEED = 40
-BUDGET_BYTES = 1536 * 2**20  # address space of the child: Python, numpy, Pillow, pydicom and the images
 
 
 def seeds() -> dict[str, bytes]:
@@ -59,22 +59,6 @@ def huge_dicom(seed: bytes, rows: int, columns: int) -> bytes:
         if at >= 0:
             data[at + 8:at + 10] = struct.pack("<H", value)
     return bytes(data)
-
-
-def mutate(data: bytes, rng: random.Random) -> bytes:
-    kind = rng.choice(("truncate", "flip", "flip_many", "random_tail", "random"))
-    if kind == "truncate":
-        return data[:rng.randrange(len(data))]
-    if kind in ("flip", "flip_many"):
-        out = bytearray(data)
-        for _ in range(1 if kind == "flip" else rng.randint(2, 64)):
-            at = rng.randrange(len(out))
-            out[at] ^= 1 << rng.randrange(8)
-        return bytes(out)
-    if kind == "random_tail":
-        cut = rng.randrange(len(data))
-        return data[:cut] + rng.randbytes(rng.randint(1, 4096))
-    return rng.randbytes(rng.randint(1, 4096))
 
 
 def write_cases(folder: Path) -> list[Path]:
