@@ -30,6 +30,10 @@ class DataConfig:
     max_length: int = 2048
     """Token limit per example; longer examples are cut after the first reply, or skipped."""
 
+    exclude_burned_in: bool = False
+    """Skip DICOM images whose header says BurnedInAnnotation YES (identifiers drawn into the pixels), each
+    listed in skipped.jsonl; off, they train with a warning naming the file."""
+
 
 @dataclass
 class LoraConfig:

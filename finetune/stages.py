@@ -354,7 +354,8 @@ def prepare_dataset(stage: StageConfig, processor, out_dir: Path, data: DataConf
                     + [{"reason": "unusable conversation", "detail": m} for m in unusable]
                     + [{"reason": "missing image", "detail": m} for m in missing])
         report["skipped_list"] = str(listed)
-    encoder = Encoder(processor, template=data.template, image_root=image_root, max_length=data.max_length)
+    encoder = Encoder(processor, template=data.template, image_root=image_root, max_length=data.max_length,
+                      image_options={"exclude_burned_in": True} if data.exclude_burned_in else {})
     return EncodedDataset(records, encoder), report
 
 

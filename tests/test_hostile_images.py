@@ -276,12 +276,34 @@ def test_a_record_whose_image_leaves_the_root_is_skipped_with_its_id_and_reason(
     rel = make_escape(root, outside, "directory")
     turns = [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "A square."}]
     rows = [{"id": "ok", "image": "real.png", "conversations": turns}, {"id": "r9", "image": rel, "conversations": turns}]
-    # The loader's `root` travels in the encoder's image options; medllava/data.py does not pass it yet.
-    dataset = EncodedDataset(rows, Encoder(tiny[1], image_root=root, image_options={"root": root}))
+    dataset = EncodedDataset(rows, Encoder(tiny[1], image_root=root))  # the encoder passes its root to the loader
     assert "skip" not in dataset[0]
     skipped = dataset[1]
     assert skipped["id"] == "r9" and skipped["skip"] == "unreadable image"
     assert "scans is a symlink" in skipped["detail"] and "outside the image root" in skipped["detail"]
+
+
+@pytest.mark.parametrize("exclude", [True, False])
+def test_a_training_stage_skips_burned_in_images_when_its_data_says_so(tmp_path, tiny, exclude):
+    from finetune.config import StageConfig
+    from finetune.stages import prepare_dataset
+    from medllava.config import from_dict
+
+    crafted(tmp_path, name="burned.dcm", BurnedInAnnotation="YES")
+    crafted(tmp_path, name="clean.dcm", BurnedInAnnotation="NO")
+    turns = [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "A CT slice."}]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"id": i, "image": f"{i}.dcm", "conversations": turns}) + "\n"
+                            for i in ("clean", "burned")))
+    stage = from_dict(StageConfig, {"data": {"path": str(data), "image_root": str(tmp_path),
+                                             "exclude_burned_in": exclude}})
+    dataset, _ = prepare_dataset(stage, tiny[1], tmp_path / "out")
+    assert "skip" not in dataset[0]
+    if exclude:
+        assert dataset[1]["skip"] == "unreadable image" and "burned.dcm" in dataset[1]["detail"]
+    else:
+        with pytest.warns(BurnedInAnnotationWarning, match="burned.dcm"):
+            assert "skip" not in dataset[1]
 
 
 def test_lexical_escapes_are_still_refused_for_a_record(tree):
