@@ -197,6 +197,7 @@ def test_chat_judge_reports_how_many_failed_when_some_did(tmp_path, capsys):
     assert "judged: 3 of 4 questions scored, 1 failed, first failure: request rejected: HTTP 400" in out
 
 
+@pytest.mark.slow  # the failing endpoints make the client wait out its retries
 @pytest.mark.parametrize("respond", [
     lambda n, seen: Reply(status=503, body={"error": "overloaded"}),
     lambda n, seen: Reply(status=401, body={"error": "bad key"}),

@@ -128,6 +128,7 @@ def test_a_dead_pid_in_the_lock_file_is_never_blamed(tmp_path, monkeypatch):
         assert json.loads(path.read_text())["pid"] == os.getpid()
 
 
+@pytest.mark.slow  # two eval runs in processes of their own
 def test_two_concurrent_eval_runs_leave_one_runs_answers(tmp_path):
     out, signals = tmp_path / "eval", tmp_path / "signals"
     signals.mkdir()
