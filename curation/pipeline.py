@@ -6,7 +6,7 @@ step's own parser, so the config accepts exactly what the command line does. A s
 output exists with a `.done.json` stamp matching its arguments and input files is skipped, so
 re-running after a crash redoes only the unfinished steps (outputs are written atomically, so
 an output on disk is complete). One run writes a folder at a time (a lock beside it,
-`medllava.io.output_lock`), so the temporaries a killed run left beside the outputs are removed
+`medllava.locks.output_lock`), so the temporaries a killed run left beside the outputs are removed
 first, so they do not pile up, including those of steps that are then skipped as up to date (a step
 that runs also clears its own, and extract those in its images folder).
 """

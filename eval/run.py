@@ -13,7 +13,7 @@ warning). Each output folder holds:
                      run resumes where it stopped ({"qid", "prediction", "question", ...})
   metrics.json, items.jsonl, report.md and its PNG plots, from `eval.scoring` / `eval.report`
 
-One run writes an output folder at a time: `--out` is locked (`medllava.io.output_lock`) from
+One run writes an output folder at a time: `--out` is locked (`medllava.locks.output_lock`) from
 before the model loads to the report, and a second run into it stops at once naming the first's PID.
 
 Questions whose image cannot be read are skipped, counted and listed in metrics.json (and

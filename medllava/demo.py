@@ -13,7 +13,7 @@ One commented script of the real commands, top to bottom:
 
 Every step is the same command a user runs, and each resumes or skips finished work, so running
 `medllava demo` again after an interruption finishes the job without redoing it. One demo runs in
-a work folder at a time (`medllava.io.output_lock`).
+a work folder at a time (`medllava.locks.output_lock`).
 """
 
 from __future__ import annotations
