@@ -18,7 +18,7 @@ from medllava.io import DataError, read_jsonl, remove_stale_temps, remove_stale_
 
 from curation.sources import is_llava_med_record, llava_med_to_figure
 
-_CHUNK = 2**20  # read size for streams
+READ_CHUNK = 2**20  # read size for streams of untrusted files
 
 
 class StepReport:
@@ -138,7 +138,7 @@ def read_capped(f, cap: int, size: int | None = None) -> bytes:
     if size is not None and size > cap:
         raise TooLarge(f"{size} bytes, over the {mib(cap)} limit")
     buf = bytearray()
-    while chunk := f.read(min(_CHUNK, cap + 1 - len(buf))):
+    while chunk := f.read(min(READ_CHUNK, cap + 1 - len(buf))):
         buf += chunk
         if len(buf) > cap:
             raise TooLarge(f"over the {mib(cap)} limit")

@@ -34,7 +34,8 @@ from pathlib import Path
 
 from medllava.io import atomic_open, write_jsonl
 
-from curation.common import Rejected, StepReport, TooLarge, check_image, clear_stale_temps, read_capped
+from curation.common import (READ_CHUNK, Rejected, StepReport, TooLarge, check_image, clear_stale_temps,
+                             read_capped)
 from curation.jats import Article, ArticleTooLargeError, UnsafeXMLError, parse_article
 from curation.sources import PMCID, llava_med_records, pmc15m_records
 
@@ -49,7 +50,6 @@ REFUSED_KINDS = {"link": "symbolic link not followed", "special": "not a regular
 # Caps far above any real PMC article or figure: a hostile file costs at most this much memory.
 MAX_ARTICLE_BYTES = 32 * 2**20
 DEFAULT_MAX_IMAGE_MB = 64
-_CHUNK = 2**20  # read size for streams
 # Magic bytes of the compressions tarfile reads, and the module that checks each one's checksums.
 _DECOMPRESSORS = ((b"\x1f\x8b", gzip.open), (b"BZh", bz2.open), (b"\xfd7zXZ\x00", lzma.open))
 
@@ -158,11 +158,6 @@ def _kind(name: str) -> str | None:
     return None
 
 
-def resolve_image(href: str | None, names: list[str]) -> str | None:
-    """The file in `names` a graphic href points at: same stem, best-ranked image extension."""
-    return ImageIndex(dict.fromkeys(names)).resolve(href)
-
-
 def _read_file(path: Path, cap: int, follow: bool) -> bytes:
     """At most `cap` bytes of a regular file; with follow=False a symbolic link is refused (O_NOFOLLOW)."""
     # O_NONBLOCK: opening a FIFO must not wait for a writer (fstat then refuses it).
@@ -214,7 +209,7 @@ def _check_stream(path: Path) -> None:
         return
     try:
         with opener(path, "rb") as stream:
-            while stream.read(_CHUNK):
+            while stream.read(READ_CHUNK):
                 pass
     except (OSError, EOFError, zlib.error, lzma.LZMAError, ValueError) as e:
         raise PackageError(f"corrupt compressed stream ({type(e).__name__}: {e})") from None
