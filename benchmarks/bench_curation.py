@@ -27,10 +27,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from curation.classify import Settings, classify_chunk  # noqa: E402
-from curation.common import StepReport  # noqa: E402
-from curation.extract import jats_records  # noqa: E402
-from curation.modality import load_rules  # noqa: E402
+from medllava.curation.classify import Settings, classify_chunk  # noqa: E402
+from medllava.curation.common import StepReport  # noqa: E402
+from medllava.curation.extract import jats_records  # noqa: E402
+from medllava.curation.modality import load_rules  # noqa: E402
 
 ASSETS = REPO / "tests" / "assets" / "curation"
 JOB_CAPTIONS, JOB_ARTICLES, CORES = 15_000_000, 4_400_000, 2

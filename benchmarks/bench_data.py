@@ -18,7 +18,7 @@ workers the decode is serial with the step (Trainer syncs with the GPU every mic
 for NaN), so the GPU idles for a share decode / (decode + step) of the time; with workers decoding ahead,
 it idles only if the loader is slower than the GPU (headroom below 1). Those two idle shares are derived
 from the measured rates, not timed on a GPU; a real run reports its own (`waited for data ...`, logged as
-`data_wait`, from finetune.trainer.InputWait).
+`data_wait`, from medllava.finetune.trainer.InputWait).
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.real_text import caption_source  # noqa: E402
-from curation.dedupe import IMAGE_SUFFIXES  # noqa: E402  (the image files curation collects, DICOM included)
-from medllava.commands import demo_data  # noqa: E402
+from medllava.curation.dedupe import IMAGE_SUFFIXES  # noqa: E402  (the image files curation collects, DICOM included)
+from medllava.tiny import demo_data  # noqa: E402
 from medllava.io import atomic_write_json  # noqa: E402
 
 H100_STAGE1 = REPO / "benchmarks" / "results" / "h100" / "align_flex.json"

@@ -8,7 +8,7 @@ same model the same questions one at a time with plain transformers, in the same
 
 Questions are the real VQA-RAD questions and images of the embedded demo set (CC0), repeated
 with fresh ids up to `--questions`, read through the in-house task loader. The batched path is
-`eval.run.answer_questions`, exactly as `eval run` calls it: image loading, prompts, length-sorted
+`medllava.eval.run.answer_questions`, exactly as `eval run` calls it: image loading, prompts, length-sorted
 left-padded batches, `generate` with the KV cache, and one appended predictions row per answer.
 The baseline is the plain way: per question, load the image, `processor(text, image)`, then
 `model.generate` with the same greedy settings. Both are timed by the wall clock after a warm-up
@@ -36,10 +36,10 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from eval.generate import Asking, ensure_pad_token, greedy_config, load_example_image, prompt_for  # noqa: E402
-from eval.run import answer_questions  # noqa: E402
-from eval.tasks import load_task  # noqa: E402
-from medllava.commands import demo_data  # noqa: E402
+from medllava.eval.generate import Asking, ensure_pad_token, greedy_config, load_example_image, prompt_for  # noqa: E402
+from medllava.eval.run import answer_questions  # noqa: E402
+from medllava.eval.tasks import load_task  # noqa: E402
+from medllava.tiny import demo_data  # noqa: E402
 from medllava.io import JsonlLog, atomic_write_json, read_jsonl, write_jsonl  # noqa: E402
 from medllava.model import ModelConfig, build_model, save_model  # noqa: E402
 from medllava.records import HUMAN  # noqa: E402

@@ -13,7 +13,7 @@ trains it. Rows:
   adapters' float32 before its dropout;
 - PEFT, no input cast: as medllava set adapters up before folding dropout (under autocast the adapter
   matmuls run in bf16 anyway);
-- medllava: `finetune.stages.apply_lora`, dropout folded into each adapter (finetune/lora_dropout.py).
+- medllava: `medllava.finetune.stages.apply_lora`, dropout folded into each adapter (finetune/lora_dropout.py).
 
 "kept/token" is the bytes autograd holds for the backward pass per token: every tensor saved for backward
 inside the layer (parameters excluded, each storage counted once), measured at `--tokens` and at half as
@@ -66,8 +66,8 @@ def build(shape: str, device: str, dtype: torch.dtype):
 
 
 def with_adapters(model, row: str):
-    from finetune.config import AdaptConfig
-    from finetune.stages import apply_lora
+    from medllava.finetune.config import AdaptConfig
+    from medllava.finetune.stages import apply_lora
     from medllava.config import load_config
     from medllava.model import TRAINABLE, set_trainable
 

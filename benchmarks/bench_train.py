@@ -17,9 +17,9 @@ checkpoint folder to load in 4-bit). Every path trains the same model from the s
   `supervised_loss`);
 - packed: as sparse, and packed rows (no padding; attention kept inside each example through position
   ids: block-diagonal masks under sdpa, varlen kernels under flash-attention or flex);
-- grouped: as sparse, batches of similar length (`finetune.trainer.length_grouped_sampler`);
+- grouped: as sparse, batches of similar length (`medllava.finetune.trainer.length_grouped_sampler`);
 - cached (stage 1 only): as sparse, the frozen vision tower answered from a filled
-  `finetune.vision_cache.VisionFeatureCache`: the steady state of every epoch after the first;
+  `medllava.finetune.vision_cache.VisionFeatureCache`: the steady state of every epoch after the first;
 - compiled (`--compile`): as sparse, the model under torch.compile;
 - packed-flex (CUDA only): as packed, under flex attention whatever `--attn` says;
 - packed-flex-compiled (CUDA only, `--compile`): as packed-flex, each decoder layer of the language model
@@ -73,10 +73,11 @@ from benchmarks.real_text import TextSource, encode_examples, source_for, spread
 from benchmarks.shapes import random_7b_processor  # noqa: E402
 from benchmarks.train_profile import GpuProfile, summary_line  # noqa: E402
 from benchmarks.train_report import flops_per_example, report  # noqa: E402
-from finetune.compilation import allow_checkpointed_side_effects, compile_decoder_layers  # noqa: E402
-from finetune.stages import apply_lora  # noqa: E402
-from finetune.trainer import checkpointing_arguments  # noqa: E402
-from medllava.data import Collator, supervised_loss  # noqa: E402
+from medllava.finetune.compilation import allow_checkpointed_side_effects, compile_decoder_layers  # noqa: E402
+from medllava.finetune.stages import apply_lora  # noqa: E402
+from medllava.finetune.trainer import checkpointing_arguments  # noqa: E402
+from medllava.data import Collator  # noqa: E402
+from medllava.loss import supervised_loss  # noqa: E402
 from medllava.model import TRAINABLE, ModelConfig, build_model, num_image_tokens, set_trainable  # noqa: E402
 from medllava.tiny import TINY_SPECS  # noqa: E402
 
@@ -123,7 +124,7 @@ def qlora_refusal(args) -> str | None:
 
 def lora_settings(config_name: str):
     """The stage-2 LoRA settings of a shipped config."""
-    from finetune.config import AdaptConfig
+    from medllava.finetune.config import AdaptConfig
     from medllava.config import load_config
 
     return load_config(AdaptConfig, CONFIGS / config_name).instruct.lora
@@ -179,7 +180,7 @@ def run(model, examples, collator, args, loss_func, lengths=None, cache=None, co
     from transformers import Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
-    from finetune.trainer import length_grouped_sampler, optimizer_name
+    from medllava.finetune.trainer import length_grouped_sampler, optimizer_name
 
     marks, tokens = [], {"pad": 0, "all": 0}
 
@@ -244,7 +245,7 @@ def run(model, examples, collator, args, loss_func, lengths=None, cache=None, co
 
 def fill_cache(model, examples, batch):
     """A vision feature cache holding every example's image: what the epochs after the first see."""
-    from finetune.vision_cache import VisionFeatureCache
+    from medllava.finetune.vision_cache import VisionFeatureCache
 
     cache = VisionFeatureCache(model).attach()
     tower = model.model.vision_tower

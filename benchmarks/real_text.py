@@ -69,8 +69,8 @@ def _rounds(turns: list[dict]) -> list[list[dict]]:
 
 def caption_source() -> TextSource:
     """Stage 1: every real caption shipped, each as an image + caption record; duplicates (by figure id) once."""
-    from curation.common import StepReport
-    from curation.extract import jats_records
+    from medllava.curation.common import StepReport
+    from medllava.curation.extract import jats_records
     from medllava.io import read_jsonl
 
     captions = {rec["id"]: rec["caption"] for rec in jats_records([str(PMC_ARTICLES)], None, StepReport("extract"))}

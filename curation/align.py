@@ -15,7 +15,7 @@ from pathlib import Path
 
 from medllava.io import write_jsonl
 
-from curation.common import StepReport, clear_stale_temps, iter_figure_records
+from medllava.curation.common import StepReport, clear_stale_temps, iter_figure_records
 
 CONCISE = (
     "Describe the image concisely.",

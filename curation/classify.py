@@ -20,9 +20,9 @@ from pathlib import Path
 
 from medllava.io import DataError, atomic_open
 
-from curation.common import StepReport, clear_stale_temps
-from curation.modality import LABELS, ModalityClassifier, decide, finish_scores, load_rules
-from curation.sources import is_llava_med_record, llava_med_to_figure
+from medllava.curation.common import StepReport, clear_stale_temps
+from medllava.curation.modality import LABELS, ModalityClassifier, decide, finish_scores, load_rules
+from medllava.curation.sources import is_llava_med_record, llava_med_to_figure
 
 CHUNK_LINES = 2000
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from medllava.io import DataError, read_jsonl, remove_stale_temps, remove_stale_temps_under
 
-from curation.sources import is_llava_med_record, llava_med_to_figure
+from medllava.curation.sources import is_llava_med_record, llava_med_to_figure
 
 READ_CHUNK = 2**20  # read size for streams of untrusted files
 

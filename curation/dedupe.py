@@ -18,7 +18,7 @@ from pathlib import Path
 from medllava.io import write_jsonl
 from medllava.records import check_image_path
 
-from curation.common import StepReport, clear_stale_temps, iter_figure_records
+from medllava.curation.common import StepReport, clear_stale_temps, iter_figure_records
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".dcm"}
 DEFAULT_MAX_DISTANCE = 6
@@ -30,7 +30,7 @@ def fingerprint(path: str) -> tuple[str, int] | str:
     # Imported here: numpy, scipy and Pillow stay out of `medllava --help`.
     from medllava.images import ImageLoadError, load_image
 
-    from curation.phash import phash, sha256_file
+    from medllava.curation.phash import phash, sha256_file
 
     try:
         return sha256_file(path), phash(load_image(path))
@@ -48,7 +48,7 @@ class Fingerprints:
     """sha256 and pHash lookups over a set of images, keyed by a label for the report."""
 
     def __init__(self, max_distance: int):
-        from curation.phash import HashIndex
+        from medllava.curation.phash import HashIndex
 
         self.exact: dict[str, str] = {}
         self.near = HashIndex(max_distance)

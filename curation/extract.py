@@ -34,10 +34,10 @@ from pathlib import Path
 
 from medllava.io import atomic_open, write_jsonl
 
-from curation.common import (READ_CHUNK, Rejected, StepReport, TooLarge, check_image, clear_stale_temps,
+from medllava.curation.common import (READ_CHUNK, Rejected, StepReport, TooLarge, check_image, clear_stale_temps,
                              read_capped)
-from curation.jats import Article, ArticleTooLargeError, UnsafeXMLError, parse_article
-from curation.sources import PMCID, llava_med_records, pmc15m_records
+from medllava.curation.jats import Article, ArticleTooLargeError, UnsafeXMLError, parse_article
+from medllava.curation.sources import PMCID, llava_med_records, pmc15m_records
 
 # Lower rank wins: JPEG/PNG are what training reads; TIFF/EPS are print masters.
 IMAGE_RANK = {".jpg": 0, ".jpeg": 0, ".png": 1, ".webp": 2, ".bmp": 3, ".tif": 4, ".tiff": 4,

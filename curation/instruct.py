@@ -4,7 +4,7 @@ Two methods:
 - `llava-med` (LLaVA-Med): a text-only teacher reads a figure's caption (and, for the 60k-im
   variant, the article sentences that cite it), never the image, and writes a multi-turn
   conversation in which an assistant answers questions as if it saw the figure. Few-shot
-  examples steer the style: the shipped set (curation/prompts/llava_med.yaml) or `--few-shot`.
+  examples steer the style: the shipped set (curation/teacher_prompts/llava_med.yaml) or `--few-shot`.
 - `allava` (ALLaVA): a vision-capable teacher is sent the image (base64 JPEG) with the authors'
   caption as a hint, and in one call writes a detailed caption, a complex question and a
   detailed answer; each figure gives a caption record and a question-answer record.
@@ -32,9 +32,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from curation import instruct_parse as parse
-from curation import instruct_prompts as prompts_lib
-from curation.common import StepReport, clear_stale_temps, iter_figure_records
+from medllava.curation import instruct_parse as parse
+from medllava.curation import teacher_messages as prompts_lib
+from medllava.curation.common import StepReport, clear_stale_temps, iter_figure_records
 from medllava.io import write_jsonl
 from medllava.llm_client import ChatClient, ChatRequest, ClientConfig, EndpointError
 from medllava.records import RecordError, check_image_path, normalize_record

@@ -1,6 +1,6 @@
 """Precision and recall of the modality classifier per label on a hand-labelled caption set.
 
-    python -m curation.modality_eval tests/assets/curation/modality_labelled.jsonl [--rules FILE]
+    python -m medllava.curation.modality_eval tests/assets/curation/modality_labelled.jsonl [--rules FILE]
 
 The set is JSONL: `{"id", "caption", "mentions", "labels": [...]}`. A record counts once per label:
 predicted and true (tp), predicted only (fp), true only (fn).
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from medllava.io import read_jsonl
 
-from curation.modality import LABELS, ModalityClassifier, load_rules
+from medllava.curation.modality import LABELS, ModalityClassifier, load_rules
 
 
 def per_label(gold: list[set[str]], pred: list[set[str]], labels=LABELS) -> dict[str, dict[str, float]]:

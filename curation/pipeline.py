@@ -14,7 +14,6 @@ that runs also clears its own, and extract those in its images folder).
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 from pathlib import Path
 
@@ -23,14 +22,15 @@ import yaml
 from medllava.io import DataError, atomic_write_json, atomic_write_text
 from medllava.locks import output_lock
 
-from curation.common import clear_stale_temps
+from medllava.curation import align, classify, dedupe, extract
+from medllava.curation.common import clear_stale_temps
 
 # (section, step module, output file, the --in of the step is the previous output)
 STEPS = [
-    ("extract", "curation.extract", "figures.jsonl"),
-    ("classify", "curation.classify", "classified.jsonl"),
-    ("dedupe", "curation.dedupe", "deduped.jsonl"),
-    ("align", "curation.align", "alignment.jsonl"),
+    ("extract", extract, "figures.jsonl"),
+    ("classify", classify, "classified.jsonl"),
+    ("dedupe", dedupe, "deduped.jsonl"),
+    ("align", align, "alignment.jsonl"),
 ]
 # Options holding paths; relative ones are read relative to the config file's folder.
 PATH_OPTIONS = {"jats", "pmc15m", "llava_med", "images_out", "image_root", "benchmark_images", "rules"}
@@ -129,12 +129,12 @@ def _run_locked(config: dict, config_path: Path, base: Path, out_dir: Path) -> l
     atomic_write_text(out_dir / "pipeline.yaml", config_path.read_text(encoding="utf-8"))
     # Every section is parsed before any step runs, so a typo in the last one costs no time.
     plan, previous = [], None
-    for section, module_name, filename in STEPS:
+    for section, module, filename in STEPS:
         if section not in config:
             continue
         out = out_dir / filename
         argv = step_argv(step_options(config, section), base, out, previous, f"{config_path}: {section}")
-        args = parse_step(importlib.import_module(module_name), argv, f"{config_path}: {section}")
+        args = parse_step(module, argv, f"{config_path}: {section}")
         plan.append((section, out, argv, args, previous))
         previous = out
     # This run holds the folder's lock, so any temporary there was left by a killed run.

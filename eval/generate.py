@@ -19,10 +19,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from medllava.images import ImageLoadError, load_image
-from medllava.prompts import YES_NO, format_question
+from medllava.question_styles import YES_NO, format_question
 from medllava.templates import prompt_text
 
-from eval.tasks.base import Example, Task
+from medllava.eval.tasks.base import Example, Task
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class Asking:
     """Conversation template the model was trained with (medllava.templates.TEMPLATES)."""
 
     prompt_style: str = "llava-med"
-    """Question style (medllava.prompts.PROMPT_STYLES)."""
+    """Question style (medllava.question_styles.PROMPT_STYLES)."""
 
     closed_options: tuple[str, ...] = YES_NO
     """Candidate answers of closed questions: listed by the llava-med style, scored by likelihood."""

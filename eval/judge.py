@@ -101,7 +101,7 @@ def load_captions(path: Path) -> dict[str, dict]:
     """pair_id -> figure record, from LLaVA-Med's {domain: [records]} file or a plain list."""
     from medllava.io import DataError
 
-    from eval.tasks.formats import json_object
+    from medllava.eval.tasks.formats import json_object
 
     obj = json_object(path)
     groups = obj.items() if isinstance(obj, dict) else [(None, obj)]
@@ -120,7 +120,7 @@ def load_questions(path: Path, captions: dict[str, dict] | None = None) -> tuple
     """The benchmark's questions and the messages of rows that could not be used (skipped, not fatal)."""
     from medllava.io import DataError
 
-    from eval.tasks.formats import ERROR_KEY, json_records
+    from medllava.eval.tasks.formats import ERROR_KEY, json_records
 
     questions, skipped, seen = [], [], set()
     for where, row in json_records(path):
@@ -226,7 +226,7 @@ def register(subparsers) -> None:
 
 
 def _answers(path: Path) -> dict[str, str]:
-    from eval.predictions import read_predictions
+    from medllava.eval.predictions import read_predictions
 
     return {p.id: p.text for p in read_predictions(path).rows}
 
@@ -267,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
     from medllava.io import atomic_write_json, write_jsonl
     from medllava.llm_client import ChatClient, ClientConfig
 
-    from eval.report import table
+    from medllava.eval.report import table
 
     captions = load_captions(args.captions) if args.captions else None
     questions, skipped = load_questions(args.questions, captions)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from medllava.records import GPT, HUMAN, IMAGE_PLACEHOLDER
 from medllava.templates import prompt_text, render
 
-from eval.generate import encode
+from medllava.eval.generate import encode
 
 
 def reply_text(question: str, answer: str, template: str, processor) -> str:

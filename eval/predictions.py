@@ -22,8 +22,8 @@ from pathlib import Path
 
 from medllava.io import DataError
 
-from eval.tasks.base import Example
-from eval.tasks.formats import ERROR_KEY, json_records
+from medllava.eval.tasks.base import Example
+from medllava.eval.tasks.formats import ERROR_KEY, json_records
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Readable reports from scoring results: a Markdown file with tables and PNG plots beside it
 (per-category bars, the closed-question confusion matrix).
 
-`write_report(results, "out/report.md")` takes the dict built by `eval.scoring` (plus the
+`write_report(results, "out/report.md")` takes the dict built by `medllava.eval.scoring` (plus the
 run's own fields: task, split, predictions, pairing) and returns the paths it wrote. Plots
 are drawn on matplotlib's Agg canvas, so no display is needed. Every file is written
 atomically.

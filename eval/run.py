@@ -11,7 +11,7 @@ warning). Each output folder holds:
   run.json           the settings that decide the answers; a resumed run must match them
   predictions.jsonl  one row per answered question, appended as answers come, so a killed
                      run resumes where it stopped ({"qid", "prediction", "question", ...})
-  metrics.json, items.jsonl, report.md and its PNG plots, from `eval.scoring` / `eval.report`
+  metrics.json, items.jsonl, report.md and its PNG plots, from `medllava.eval.scoring` / `medllava.eval.report`
 
 One run writes an output folder at a time: `--out` is locked (`medllava.locks.output_lock`) from
 before the model loads to the report, and a second run into it stops at once naming the first's PID.
@@ -28,9 +28,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from medllava.prompts import PROMPT_STYLES
+from medllava.question_styles import PROMPT_STYLES
 
-from eval.score import _option
+from medllava.eval.score import _option
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ RUN_KEYS = ("task", "split", "model", "head", "template", "prompt_style", "close
 
 
 def register(subparsers) -> None:
-    from eval.tasks import TASKS  # light: the loaders import pyarrow only when reading parquet
+    from medllava.eval.tasks import TASKS  # light: the loaders import pyarrow only when reading parquet
 
     p = subparsers.add_parser(
         "run",
@@ -93,7 +93,7 @@ class RunStats:
 
 def resolve_asking(template: str | None, prompt_style: str | None, info=None):
     """The head's settings (or the defaults), with the flags that were given on top."""
-    from eval.generate import Asking
+    from medllava.eval.generate import Asking
 
     values = {"template": DEFAULT_TEMPLATE, "prompt_style": DEFAULT_STYLE}
     options = tuple(info.closed_options) if info else Asking().closed_options
@@ -131,8 +131,8 @@ def answer_questions(model, processor, task, examples, asking, pred_log, *, batc
 
     from medllava.io import read_jsonl
 
-    from eval.generate import ensure_pad_token
-    from eval.tasks.base import CLOSED
+    from medllava.eval.generate import ensure_pad_token
+    from medllava.eval.tasks.base import CLOSED
 
     ensure_pad_token(processor)
     bad: list[str] = []
@@ -168,7 +168,7 @@ def _batches(processor, task, group, asking, batch_size, stats):
     `stats`) the questions whose image cannot be read."""
     from medllava.images import ImageLoadError
 
-    from eval.generate import length_batches, load_example_image, prompt_for
+    from medllava.eval.generate import length_batches, load_example_image, prompt_for
 
     prompts = [prompt_for(ex, asking, processor) for ex in group]
     for indices in length_batches(prompts, processor.tokenizer, batch_size):
@@ -184,8 +184,8 @@ def _batches(processor, task, group, asking, batch_size, stats):
 
 
 def _answer_batch(model, processor, batch, images, asking, mode, max_new_tokens) -> list[dict]:
-    from eval.generate import generate_answers, options_for, prompt_for, question_text
-    from eval.likelihood import best, score_candidates
+    from medllava.eval.generate import generate_answers, options_for, prompt_for, question_text
+    from medllava.eval.likelihood import best, score_candidates
 
     rows = [{"qid": ex.qid, "question": ex.question, "answer_type": ex.answer_type, "scoring": mode} for ex in batch]
     if mode == "likelihood":
@@ -204,7 +204,7 @@ def _answer_batch(model, processor, batch, images, asking, mode, max_new_tokens)
 def run(args: argparse.Namespace) -> int:
     from medllava.locks import output_lock
 
-    from eval.tasks import load_task
+    from medllava.eval.tasks import load_task
 
     if args.batch_size < 1 or args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
         raise ValueError("--batch-size, --max-new-tokens and --limit must be at least 1")
@@ -257,8 +257,8 @@ def score_and_report(task, examples, pred_path: Path, out_dir: Path, settings: d
     """metrics.json, items.jsonl and report.md (with plots) for the questions answered in `out_dir`."""
     from medllava.io import atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
 
-    from eval.report import table, write_report
-    from eval.score import print_summary, score_predictions
+    from medllava.eval.report import table, write_report
+    from medllava.eval.score import print_summary, score_predictions
 
     answered = {str(row.get("qid")) for _, row in read_jsonl(pred_path, skip_bad=True)}
     if not answered:

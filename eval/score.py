@@ -5,7 +5,7 @@
 
 Writes the metrics JSON (strict and LLaVA-Med-compatible families side by side, with
 bootstrap intervals and breakdowns), and optionally a Markdown report with PNG plots and
-a per-question JSONL. Prediction formats and pairing are described in `eval.predictions`.
+a per-question JSONL. Prediction formats and pairing are described in `medllava.eval.predictions`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def _option(text: str) -> tuple[str, str]:
 
 
 def register(subparsers) -> None:
-    from eval.tasks import TASKS  # light: the loaders import pyarrow only when reading parquet
+    from medllava.eval.tasks import TASKS  # light: the loaders import pyarrow only when reading parquet
 
     p = subparsers.add_parser(
         "score",
@@ -54,7 +54,7 @@ def register(subparsers) -> None:
 def load_candidates(path: Path) -> list:
     from medllava.io import DataError
 
-    from eval.tasks.formats import json_object
+    from medllava.eval.tasks.formats import json_object
 
     obj = json_object(path)
     if isinstance(obj, dict) and "0" in obj:
@@ -81,8 +81,8 @@ def score_predictions(task, pred_path: Path, *, examples=None, candidates=None, 
 
     Returns `(results, items)`: the metrics JSON (with the run's own fields) and per-question scores.
     """
-    from eval.predictions import pair_predictions, read_predictions
-    from eval.scoring import score_examples
+    from medllava.eval.predictions import pair_predictions, read_predictions
+    from medllava.eval.scoring import score_examples
 
     examples = task.examples if examples is None else examples
     preds = read_predictions(pred_path)
@@ -110,8 +110,8 @@ def score_predictions(task, pred_path: Path, *, examples=None, candidates=None, 
 def run(args: argparse.Namespace) -> int:
     from medllava.io import atomic_write_json, write_jsonl
 
-    from eval.report import write_report
-    from eval.tasks import load_task
+    from medllava.eval.report import write_report
+    from medllava.eval.tasks import load_task
 
     root = args.root or (args.gt.parent if args.gt else None)
     if root is None:

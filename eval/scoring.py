@@ -21,9 +21,9 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Sequence
 
-from eval.metrics import llava_med, strict
-from eval.metrics.stats import bootstrap_ci, mean
-from eval.tasks.base import CLOSED, OPEN, Example
+from medllava.eval.metrics import llava_med, strict
+from medllava.eval.metrics.stats import bootstrap_ci, mean
+from medllava.eval.tasks.base import CLOSED, OPEN, Example
 
 # Family metric -> per-question key; order is the order of the report tables.
 STRICT_METRICS = {"closed_accuracy": "closed_accuracy", "open_exact_match": "open_exact_match",

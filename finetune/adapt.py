@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 from pathlib import Path
 
-from finetune.config import AdaptConfig
+from medllava.finetune.config import AdaptConfig
 from medllava.config import add_config_help, claim_run_dir, load_config
 
 STAGES = ("align", "instruct")
@@ -43,7 +43,7 @@ def main(args: argparse.Namespace) -> int:
 
 def run_adapt(cfg: AdaptConfig, stages: list[str], command: str = "") -> dict[str, dict]:
     """Run `stages` of the curriculum; returns each stage's completion record."""
-    from finetune.trainer import is_main_process
+    from medllava.finetune.trainer import is_main_process
 
     run_dir = Path(cfg.run_dir)
     with run_dir_lock(run_dir, command or "medllava adapt", is_main_process()):
@@ -64,8 +64,8 @@ def run_dir_lock(run_dir: Path, command: str, main_process: bool):
 
 def _run_locked(cfg: AdaptConfig, stages: list[str], command: str, run_dir: Path) -> dict[str, dict]:
     """The rest of `run_adapt`, while the main process holds the run folder's lock."""
-    from finetune.stages import RunSettings, describe_train_loss, run_stage
-    from finetune.trainer import is_main_process
+    from medllava.finetune.stages import RunSettings, describe_train_loss, run_stage
+    from medllava.finetune.trainer import is_main_process
 
     claim_run_dir(run_dir, cfg, command or "medllava adapt", f"medllava adapt --config {run_dir / 'config.yaml'}",
                   is_main_process())

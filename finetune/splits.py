@@ -3,7 +3,7 @@ patient (or, for rows without a patient id, no image) is in two splits.
 
     medllava finetune split --in cases.csv --out data/cases --group-by patient_id --val 0.1 --test 0.2 --seed 0
 
-The input is a CSV or JSONL file read by the in-house task loader (`eval.tasks.inhouse`): image (a
+The input is a CSV or JSONL file read by the in-house task loader (`medllava.eval.tasks.inhouse`): image (a
 file, DICOM included, or a DICOM series folder), question, answer, optional answer_type and
 patient/study ids. Rows are grouped by `--group-by`; a row without that id is grouped by the
 sha256 of its image bytes, so copies of one image under two names still land together. Groups are
@@ -58,7 +58,7 @@ def main(argv: list[str]) -> int:
 def make_split(path: Path, out: Path, *, group_by: str = "patient_id", val: float = 0.1, test: float = 0.2,
                seed: int = 0, stratify: bool = False, root: Path | None = None) -> dict:
     """Split the in-house file at `path` into `out`; returns the report (also written as split_report.json)."""
-    from eval.tasks.inhouse import InHouse
+    from medllava.eval.tasks.inhouse import InHouse
     from medllava.io import atomic_write_json, write_jsonl
 
     if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
@@ -94,7 +94,7 @@ def make_split(path: Path, out: Path, *, group_by: str = "patient_id", val: floa
 
 def image_hash(path: Path) -> str | None:
     """sha256 of the image file's bytes (a DICOM folder: of its middle slice); None when unreadable."""
-    from medllava.chat import series_slice
+    from medllava.commands.chat import series_slice
 
     try:
         path = series_slice(path) if path.is_dir() else path

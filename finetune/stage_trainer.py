@@ -2,7 +2,7 @@
 Trainer's internals.
 
 Most of what a stage adds goes through the Trainer's public extension points: callbacks
-(finetune.trainer's `Bookkeeping`), `compute_loss` (example ids, skipped examples, the vision cache),
+(medllava.finetune.trainer's `Bookkeeping`), `compute_loss` (example ids, skipped examples, the vision cache),
 `log` (`data_wait`) and `save_model` (what a checkpoint holds). Four things have no public hook, and
 `PRIVATE_OVERRIDES` lists them with the parameters medllava's overrides expect:
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from transformers import Trainer
 
-from finetune.trainer import (TRAINED_WEIGHTS, InputWait, StepTrace, length_grouped_sampler, load_trained_state,
+from medllava.finetune.trainer import (TRAINED_WEIGHTS, InputWait, StepTrace, length_grouped_sampler, load_trained_state,
                               save_trained_state)
 
 # method -> the parameters (after self) the override below takes and passes on.

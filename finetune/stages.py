@@ -22,10 +22,10 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from finetune.compilation import allow_checkpointed_side_effects, compile_decoder_layers, watch_compilation
-from finetune.config import DataConfig, LoraConfig, StageConfig
-from finetune.memory_probe import describe as describe_probe
-from finetune.trainer import (InputWait, build_trainer, checkpoint_step, complete_checkpoints, is_main_process,
+from medllava.finetune.compilation import allow_checkpointed_side_effects, compile_decoder_layers, watch_compilation
+from medllava.finetune.config import DataConfig, LoraConfig, StageConfig
+from medllava.finetune.memory_probe import describe as describe_probe
+from medllava.finetune.trainer import (InputWait, build_trainer, checkpoint_step, complete_checkpoints, is_main_process,
                               training_arguments, world_size)
 from medllava.io import atomic_write_json, write_jsonl
 from medllava.model import TRAINABLE, ModelConfig, build_model, save_model, set_trainable
@@ -105,7 +105,8 @@ def run_stage(
     if len(dataset) == 0:
         raise ValueError(f"stage {name}: no usable examples in {stage.data.path}\n{data_report['summary']}")
     val_dataset = prepare_dataset(stage, processor, out_dir, data=val_data)[0] if val_data else None
-    from medllava.data import Collator, supervised_loss
+    from medllava.data import Collator
+    from medllava.loss import supervised_loss
 
     lengths = dataset.lengths() if stage.group_by_length or auto_checkpointing else None
     checkpointing = {"setting": stage.gradient_checkpointing, "used": stage.gradient_checkpointing is True}
@@ -187,8 +188,9 @@ def probe_checkpointing(model, processor, dataset, lengths: list[int], stage: St
     """gradient_checkpointing=auto: try the heaviest micro-batch without it (finetune/memory_probe.py)."""
     import torch
 
-    from finetune.memory_probe import probe
-    from medllava.data import Collator, supervised_loss
+    from medllava.finetune.memory_probe import probe
+    from medllava.data import Collator
+    from medllava.loss import supervised_loss
 
     collator = Collator(processor.tokenizer.pad_token_id, pack=stage.packing, sparse_logits=stage.sparse_logits)
     autocast = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
@@ -240,7 +242,7 @@ def _vision_cache(name: str, stage: StageConfig, model, out_dir: Path, n_example
     """The stage's attached vision feature cache, or None when caching is off."""
     if stage.cache_vision_features == "none":
         return None
-    from finetune.vision_cache import VisionFeatureCache
+    from medllava.finetune.vision_cache import VisionFeatureCache
 
     folder = out_dir / "vision_features" if stage.cache_vision_features == "disk" else None
     cache = VisionFeatureCache(model, folder).attach()
@@ -298,7 +300,7 @@ def apply_lora(model, lora: LoraConfig, modules: tuple[str, ...], autocast: bool
             if hasattr(module, "cast_input_dtype_enabled"):
                 module.cast_input_dtype_enabled = False
     if fold_dropout:
-        from finetune.lora_dropout import fold_lora_dropout
+        from medllava.finetune.lora_dropout import fold_lora_dropout
 
         fold_lora_dropout(model)
     return model

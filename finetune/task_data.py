@@ -1,7 +1,7 @@
 """Benchmark and in-house questions as training conversations for a task head.
 
 Each question becomes one record, `{"id", "image", "conversations": [human, gpt]}`, whose human
-turn is `<image>` and the question in the head's prompt style (`medllava.prompts.format_question`,
+turn is `<image>` and the question in the head's prompt style (`medllava.question_styles.format_question`,
 the same function evaluation asks with) and whose reply is the dataset's answer. A closed answer
 that is one of the head's closed options up to case and spaces is written as the option is spelled
 ("Yes", "yes" and "YES" all become "yes"): releases mix spellings (VQA-RAD's training split has
@@ -9,7 +9,7 @@ that is one of the head's closed options up to case and spaces is written as the
 splits that answer's probability between them, so greedy decoding leans to the answer whose
 spelling is most uniform instead of the likelier answer.
 
-Images: a DICOM series folder becomes its middle slice (`medllava.chat.series_slice`); an image
+Images: a DICOM series folder becomes its middle slice (`medllava.commands.chat.series_slice`); an image
 stored inside the release file (parquet releases) is written once under `bytes_dir`, named by the
 hash of its bytes. Record image paths are relative to the common folder of all images, which is
 returned as the image root, so absolute in-house paths and relative benchmark paths work alike.
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medllava.io import atomic_open
-from medllava.prompts import format_question
+from medllava.question_styles import format_question
 from medllava.records import GPT, HUMAN, IMAGE_PLACEHOLDER
 
 
@@ -41,7 +41,7 @@ def conversation(question: str, answer: str) -> list[dict]:
 
 
 def task_records(task, prompt_style: str, closed_options: list[str], bytes_dir: Path) -> TaskRecords:
-    """Records for every example of `task` (an `eval.tasks.Task`), asked in `prompt_style`.
+    """Records for every example of `task` (an `medllava.eval.tasks.Task`), asked in `prompt_style`.
 
     An example whose image folder holds no usable DICOM series is skipped and named in `skipped`;
     missing image files are left to the training data check, which counts and reports them.
@@ -72,7 +72,7 @@ def task_records(task, prompt_style: str, closed_options: list[str], bytes_dir: 
 def reply(answer: str, answer_type: str, closed_options: list[str]) -> str:
     """The answer as trained: a closed answer matching a closed option (case and spaces aside) is
     spelled as the option; every other answer is kept as the dataset has it."""
-    from eval.tasks import CLOSED
+    from medllava.eval.tasks import CLOSED
 
     if answer_type == CLOSED:
         for option in closed_options:
@@ -83,7 +83,7 @@ def reply(answer: str, answer_type: str, closed_options: list[str]) -> str:
 
 def image_file(task, example, bytes_dir: Path) -> Path:
     """The absolute path of the image file an example is asked about."""
-    from medllava.chat import series_slice
+    from medllava.commands.chat import series_slice
 
     if example.image_bytes is not None:
         digest = hashlib.sha256(example.image_bytes).hexdigest()[:24]

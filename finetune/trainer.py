@@ -1,7 +1,7 @@
 """The one training wrapper every stage and task head uses: `transformers.Trainer` + PEFT + DeepSpeed.
 
 `training_arguments` turns a StageConfig into TrainingArguments and `build_trainer` makes a Trainer
-(finetune.stage_trainer.StageTrainer, the one file that relies on the Trainer's internals) whose only
+(medllava.finetune.stage_trainer.StageTrainer, the one file that relies on the Trainer's internals) whose only
 addition is bookkeeping: each batch carries the ids of its examples and of the examples that were
 skipped (missing or unreadable images, too long); the trainer strips them before the forward pass, records
 which examples every optimizer step saw (`data_order.jsonl`, written by rank 0 with every rank's
@@ -19,7 +19,7 @@ and the checkpoint with the lowest validation loss is the one loaded at the end 
 
 Speed options: `lengths` batches examples of similar length together (`length_grouped_sampler`,
 seeded per epoch so a resumed run replays the same order), and `vision_cache` serves a frozen vision
-tower's features from a `finetune.vision_cache.VisionFeatureCache`. The optimizer is fused AdamW on
+tower's features from a `medllava.finetune.vision_cache.VisionFeatureCache`. The optimizer is fused AdamW on
 CUDA, and `StageConfig.torch_compile` compiles the model.
 """
 
@@ -33,7 +33,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from finetune.config import StageConfig
+from medllava.finetune.config import StageConfig
 from medllava.io import JsonlLog, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ def checkpointing_arguments(enabled: bool) -> dict:
 def training_arguments(stage: StageConfig, out_dir: Path, run, evaluate: bool = False):
     """TrainingArguments of one stage. Create them before the model is loaded: under DeepSpeed ZeRO-3
     they register the config that makes `from_pretrained` load each rank's shard only. A stage whose
-    `gradient_checkpointing` is `auto` gets it off here (finetune.stages decides after a trial pass)."""
+    `gradient_checkpointing` is `auto` gets it off here (medllava.finetune.stages decides after a trial pass)."""
     import torch
     from transformers import TrainingArguments
 
@@ -311,14 +311,14 @@ def build_trainer(model, processor, train_dataset, collator, args, out_dir: Path
 
     With `eval_dataset`, the validation loss is computed at every save (`save_steps`) and the best
     checkpoint by that loss is restored when training ends. `loss_func` replaces the model's own loss
-    (`medllava.data.supervised_loss` with a sparse-logits collator). `lengths` (one per training
+    (`medllava.loss.supervised_loss` with a sparse-logits collator). `lengths` (one per training
     example) groups batches by length; `vision_cache` (attached, with a collator that adds
     `image_keys`) answers the vision tower from its cache. `input_wait` times every fetch of batches.
-    `compile_watch` (finetune.compilation) checks after the first step that the compiled model ran compiled.
+    `compile_watch` (medllava.finetune.compilation) checks after the first step that the compiled model ran compiled.
     """
     from transformers import TrainerCallback
 
-    from finetune.stage_trainer import StageTrainer
+    from medllava.finetune.stage_trainer import StageTrainer
 
     trace = StepTrace(out_dir / "data_order.jsonl")
 

@@ -1,37 +1,59 @@
 """The `medllava` command line: parse, then call one run() function.
 
-Each command group lives beside the code it drives and exposes `register(subparsers)`;
-registration must stay cheap (no torch import), so `medllava --help` is instant.
+`COMMANDS` below is the whole command line: each entry is a module that adds its command with
+`register(subparsers)`, or a `Group` of such modules under one command (`medllava curate extract`).
+Nothing imports this module back. Registration must stay cheap (no torch import: each module keeps
+heavy imports inside its run function), so `medllava --help` is instant.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
+from dataclasses import dataclass
+from types import ModuleType
 
 from medllava import __version__
-
-# Modules that expose `register(subparsers)`. Only commands that work are listed here.
-COMMAND_MODULES = [
-    "medllava.commands",
-    "finetune.adapt",
-    "medllava.convert",
-    "finetune.heads",
-    "medllava.chat",
-    "medllava.demo",
-    "curation.cli",
-    "eval.cli",
-]
+from medllava.commands import chat, check, convert, demo
+from medllava.curation import align, classify, dedupe, extract, instruct, pipeline
+from medllava.eval import judge, score
+from medllava.eval import run as eval_run
+from medllava.finetune import adapt, head_training
 
 
-def register_group(subparsers, name: str, modules: list[str], dest: str, help: str, description: str) -> None:
-    """A command with subcommands (`medllava curate extract`), each from a module's `register`."""
-    parser = subparsers.add_parser(name, help=help, description=description)
-    subs = parser.add_subparsers(dest=dest, metavar="SUBCOMMAND", required=True)
-    for module in modules:
-        importlib.import_module(module).register(subs)
+@dataclass(frozen=True)
+class Group:
+    """A command whose subcommands each come from one module's `register`."""
+
+    name: str
+    help: str
+    description: str
+    modules: tuple[ModuleType, ...]
+
+
+# In `--help` order. Only commands that work are listed here.
+COMMANDS: tuple[ModuleType | Group, ...] = (
+    check,
+    adapt,
+    convert,
+    head_training,
+    chat,
+    demo,
+    Group("curate", "build alignment and instruction sets from PMC figure-caption data",
+          "Curate PMC Open Access figure-caption pairs into training sets.",
+          (extract, classify, dedupe, align, pipeline, instruct)),
+    Group("eval", "evaluate models on medical VQA benchmarks",
+          "Answer, score and judge medical VQA benchmarks.",
+          (score, eval_run, judge)),
+)
+
+
+def _add_group(subparsers, group: Group) -> None:
+    parser = subparsers.add_parser(group.name, help=group.help, description=group.description)
+    subs = parser.add_subparsers(dest=f"{group.name}_command", metavar="SUBCOMMAND", required=True)
+    for module in group.modules:
+        module.register(subs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,8 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     # The deepspeed launcher passes --local_rank to every process; the rank is read from the environment.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    for entry in COMMANDS:
+        if isinstance(entry, Group):
+            _add_group(subparsers, entry)
+        else:
+            entry.register(subparsers)
     return parser
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from medllava.io import atomic_write_json
 from medllava.model import ModelConfig, build_model
-from medllava.prompts import PROMPT_STYLES
+from medllava.question_styles import PROMPT_STYLES
 from medllava.templates import TEMPLATES
 
 HEAD_FILE = "head.json"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
 from medllava.records import IMAGE_PLACEHOLDER
 
@@ -150,3 +151,9 @@ def build_tiny(name: str, seed: int = 0):
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     return model.eval(), processor
+
+
+def demo_data() -> tuple[Path, Path]:
+    """The embedded demo conversations and their image folder (real VQA-RAD rows, CC0)."""
+    root = Path(str(resources.files("medllava").joinpath("assets/demo")))
+    return root / "conversations.jsonl", root / "images"

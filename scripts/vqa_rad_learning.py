@@ -4,7 +4,7 @@ learn to answer, and do the images help?
     python scripts/vqa_rad_learning.py --data /path/to/vqa_rad --out runs/vqa_rad_learning
 
 `--data` is a VQA-RAD folder with the MEVF split (trainset.json, testset.json, images/). Two runs
-with the same settings and seed go through `medllava finetune`'s code (`finetune.heads.train_head`:
+with the same settings and seed go through `medllava finetune`'s code (`medllava.finetune.head_training.train_head`:
 a full-checkpoint head, every module trained from random weights):
   images   every question with its image;
   blank    every image replaced by the mean training image, so the model sees the questions only
@@ -38,14 +38,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from eval.metrics.stats import bootstrap_ci  # noqa: E402
-from eval.scoring import score_examples  # noqa: E402
-from eval.tasks import CLOSED, load_task  # noqa: E402
-from finetune.config import DataConfig, StageConfig  # noqa: E402
-from finetune.heads import FinetuneConfig, HeadSettings, train_head  # noqa: E402
+from medllava.eval.metrics.stats import bootstrap_ci  # noqa: E402
+from medllava.eval.scoring import score_examples  # noqa: E402
+from medllava.eval.tasks import CLOSED, load_task  # noqa: E402
+from medllava.finetune.config import DataConfig, StageConfig  # noqa: E402
+from medllava.finetune.head_training import FinetuneConfig, HeadSettings, train_head  # noqa: E402
 from medllava.config import claim_run_dir  # noqa: E402
-from finetune.splits import assign_groups  # noqa: E402
-from finetune.task_data import task_records  # noqa: E402
+from medllava.finetune.splits import assign_groups  # noqa: E402
+from medllava.finetune.task_data import task_records  # noqa: E402
 from medllava.io import atomic_write_json, write_jsonl  # noqa: E402
 from medllava.model import MODULES, ModelConfig  # noqa: E402
 from medllava.tiny import TINY_SPECS  # noqa: E402
@@ -141,9 +141,9 @@ def train_condition(name: str, args, records: dict[str, list[dict]], image_root:
 
 
 def predict(head: Path, task, images: list, batch: int = 64) -> list[str]:
-    from medllava.chat import answer_batch, read_full_head_info
+    from medllava.commands.chat import answer_batch, read_full_head_info
     from medllava.model import build_model
-    from medllava.prompts import format_question
+    from medllava.question_styles import format_question
 
     model, processor = build_model(ModelConfig(name_or_path=str(head)))
     info = read_full_head_info(head)

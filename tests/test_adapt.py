@@ -19,11 +19,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from finetune.adapt import run_adapt
-from finetune.config import AdaptConfig
-from finetune.stages import describe_train_loss
-from finetune.trainer import COMPLETE_MARKER, complete_checkpoints, read_trace
-from medllava.commands import demo_data
+from medllava.finetune.adapt import run_adapt
+from medllava.finetune.config import AdaptConfig
+from medllava.finetune.stages import describe_train_loss
+from medllava.finetune.trainer import COMPLETE_MARKER, complete_checkpoints, read_trace
+from medllava.tiny import demo_data
 from medllava.config import ConfigError, from_dict, load_config
 from medllava.model import ModelConfig, build_model, module_of
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.config import AdaptConfig
+from medllava.finetune.config import AdaptConfig
 from medllava.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -236,7 +236,7 @@ def test_the_7b_shape_expects_the_image_token_its_processor_writes(bench_train):
 
 
 def test_the_input_benchmark_loads_every_example_and_derives_gpu_idle_from_its_rates(tmp_path, capsys):
-    from finetune.config import AdaptConfig, StageConfig
+    from medllava.finetune.config import AdaptConfig, StageConfig
     from medllava.config import load_config
 
     bench_data = _load("bench_data")

@@ -12,7 +12,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from medllava import chat
+from medllava.commands import chat
 from medllava.heads import HeadInfo, write_head_info
 from medllava.images import ImageLoadError, load_image
 

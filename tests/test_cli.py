@@ -11,11 +11,11 @@ import sys
 import pytest
 
 from medllava.cli import build_parser, main
-from medllava.commands import demo_data
+from medllava.tiny import demo_data
 
 
 def subcommands(parser):
-    action = next(a for a in parser._actions if a.dest in ("command", "curate_step", "eval_command"))
+    action = next(a for a in parser._actions if a.dest in ("command", "curate_command", "eval_command"))
     return action.choices
 
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers.models.llama import modeling_llama
 
-from finetune.adapt import run_adapt
-from finetune.compilation import CompileError, CompileWatch, _reason
-from finetune.config import AdaptConfig
-from medllava.commands import demo_data
+from medllava.finetune.adapt import run_adapt
+from medllava.finetune.compilation import CompileError, CompileWatch, _reason
+from medllava.finetune.config import AdaptConfig
+from medllava.tiny import demo_data
 from medllava.config import from_dict
 
 DATA, IMAGES = demo_data()

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from medllava.convert import (
+from medllava.commands.convert import (
     CHAT_TEMPLATES, ConvertError, convert, image_processor_kwargs, read_source, resolve_vision,
 )
 from medllava.model import ModelConfig, build_model, num_image_tokens
@@ -304,8 +304,6 @@ def test_cli_end_to_end(tokenizer_files, tmp_path, monkeypatch, capsys):
 
     from medllava import cli
 
-    if "medllava.convert" not in cli.COMMAND_MODULES:
-        monkeypatch.setattr(cli, "COMMAND_MODULES", [*cli.COMMAND_MODULES, "medllava.convert"])
     clip = clip_folder(tmp_path / "clip", seed=1)
     src = write_original(tmp_path / "src", tokenizer_files)
     out = tmp_path / "hf"

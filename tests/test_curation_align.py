@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from curation import align
+from medllava.curation import align
 from medllava.records import normalize_record
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from curation import classify
-from curation.modality import DEFAULT_RULES, LABELS, ModalityClassifier, load_rules
-from curation.modality_eval import evaluate, format_table, per_label
+from medllava.curation import classify
+from medllava.curation.modality import DEFAULT_RULES, LABELS, ModalityClassifier, load_rules
+from medllava.curation.modality_eval import evaluate, format_table, per_label
 from medllava.io import DataError
 
 ASSETS = Path(__file__).parent / "assets" / "curation"

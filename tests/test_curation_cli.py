@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import io
 import json
 import tarfile
@@ -12,7 +11,7 @@ from xml.sax.saxutils import escape
 import pytest
 import yaml
 
-from curation import pipeline
+from medllava.curation import pipeline
 from imaging import random_png
 from medllava.cli import main
 from medllava.io import DataError
@@ -160,10 +159,10 @@ def test_shipped_pipeline_config_parses_into_each_step():
     assert config_path.read_text().startswith("# medllava curate pipeline --config curation/pipeline_example.yaml")
     config = pipeline.load_config(config_path)
     previous = None
-    for section, module_name, filename in pipeline.STEPS:
+    for section, module, filename in pipeline.STEPS:
         options = pipeline.step_options(config, section)
         argv = pipeline.step_argv(options, config_path.parent, Path(filename), previous, section)
-        args = pipeline.parse_step(importlib.import_module(module_name), argv, section)
+        args = pipeline.parse_step(module, argv, section)
         assert callable(args.func)
         previous = Path(filename)
 

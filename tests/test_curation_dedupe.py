@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
-from curation import dedupe
-from curation.phash import HashIndex, distance, phash
+from medllava.curation import dedupe
+from medllava.curation.phash import HashIndex, distance, phash
 
 
 def _picture(seed: int, size: int = 96) -> Image.Image:

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from curation import extract
-from curation.jats import UnsafeXMLError, parse_article, split_sentences
-from curation.sources import detokenize
+from medllava.curation import extract
+from medllava.curation.jats import UnsafeXMLError, parse_article, split_sentences
+from medllava.curation.sources import detokenize
 
 ASSETS = Path(__file__).parent / "assets" / "curation"
 PLOS = ASSETS / "pone.0046493.nxml"

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from chat_completions_server import ChatServer, Reply, completion
-from curation import instruct_prompts as P
-from curation.instruct import InstructOptions, select_figures
-from curation.instruct_parse import clean_pairs, parse_caption_qa, parse_dialogue, to_record
-from curation.common import StepReport
+from medllava.curation import teacher_messages as P
+from medllava.curation.instruct import InstructOptions, select_figures
+from medllava.curation.instruct_parse import clean_pairs, parse_caption_qa, parse_dialogue, to_record
+from medllava.curation.common import StepReport
 from medllava.cli import main
 from medllava.io import DataError, read_jsonl
 from medllava.records import normalize_record

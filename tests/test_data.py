@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from medllava.commands import demo_data
+from medllava.tiny import demo_data
 from medllava.data import Collator, EncodedDataset, Encoder
 
 DATA, IMAGES = demo_data()
@@ -80,7 +80,7 @@ def test_a_conversation_the_template_cannot_render_is_skipped_with_its_record_na
 def test_sparse_logits_give_the_models_own_loss_and_gradients(trained_like, pack):
     import copy
 
-    from medllava.data import supervised_loss
+    from medllava.loss import supervised_loss
 
     model, processor = trained_like
     model = copy.deepcopy(model)
@@ -105,7 +105,7 @@ def test_sparse_logits_give_the_models_own_loss_and_gradients(trained_like, pack
 
 
 def test_the_chunked_loss_equals_one_pass_and_never_holds_float32_logits_of_every_position():
-    from medllava.data import supervised_loss
+    from medllava.loss import supervised_loss
 
     torch.manual_seed(0)
     vocab, width = 50, 40

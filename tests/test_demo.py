@@ -18,9 +18,9 @@ import torch
 from pydicom.data import get_testdata_file
 from safetensors.torch import load_file
 
-from finetune.trainer import COMPLETE_MARKER
+from medllava.finetune.trainer import COMPLETE_MARKER
 from medllava.cli import main
-from medllava.demo import DICOM_FILES
+from medllava.commands.demo import DICOM_FILES
 
 REPO = Path(__file__).resolve().parents[1]
 # Every test here runs the whole demo (and one runs it again, killed): tens of seconds.

@@ -11,7 +11,7 @@ import pytest
 from chat_completions_server import ChatServer, Reply, completion
 from medllava.cli import main
 
-from eval.judge import load_captions, load_questions, parse_scores, summarize
+from medllava.eval.judge import load_captions, load_questions, parse_scores, summarize
 
 ASSETS = Path(__file__).parent / "assets" / "judge"
 KEY = "judge-key-0123456789"

@@ -20,11 +20,11 @@ from medllava.cli import main
 from medllava.heads import HeadInfo, write_head_info
 from medllava.templates import prompt_text
 
-from eval.generate import Asking, encode, generate_answers, greedy_config, length_batches, prompt_for
-from eval.likelihood import best, reply_text, score_candidates
-from eval.predictions import read_predictions
-from eval.run import resolve_asking
-from eval.tasks import load_task
+from medllava.eval.generate import Asking, encode, generate_answers, greedy_config, length_batches, prompt_for
+from medllava.eval.likelihood import best, reply_text, score_candidates
+from medllava.eval.predictions import read_predictions
+from medllava.eval.run import resolve_asking
+from medllava.eval.tasks import load_task
 
 VQA_RAD = Path(__file__).parent / "assets" / "eval" / "vqa_rad"
 BROKEN, MISSING = "synpic35914.jpg", "synpic34515.jpg"  # the images of questions 733 and 47
@@ -222,7 +222,7 @@ def test_each_head_is_evaluated_in_turn_on_one_base(vqa_root, tiny_checkpoint, t
                                                                     prompt_style="short"))
     b = make_head(tiny_checkpoint, tmp_path / "head_b", 2, HeadInfo(task="vqa-rad"))
     out = tmp_path / "run"
-    with caplog.at_level(logging.WARNING, logger="eval.run"):
+    with caplog.at_level(logging.WARNING, logger="medllava.eval.run"):
         assert eval_run(vqa_root, tiny_checkpoint, out, "--head", str(a), "--head", str(b), "--limit", "3",
                         "--closed-scoring", "likelihood", "--prompt-style", "plain") == 0
     assert "--prompt-style plain overrides the head's prompt_style 'short'" in caplog.text

@@ -10,8 +10,8 @@ import pytest
 from medllava.cli import main
 from medllava.io import DataError
 
-from eval.predictions import pair_predictions, read_predictions
-from eval.tasks import load_task
+from medllava.eval.predictions import pair_predictions, read_predictions
+from medllava.eval.tasks import load_task
 
 ASSETS = Path(__file__).parent / "assets" / "eval"
 VQA_RAD = ASSETS / "vqa_rad"

@@ -14,8 +14,8 @@ import pytest
 
 from medllava.io import DataError
 
-from eval.tasks import TASKS, load_task
-from eval.tasks.safe_pickle import load_plain_pickle, loads_plain
+from medllava.eval.tasks import TASKS, load_task
+from medllava.eval.tasks.safe_pickle import load_plain_pickle, loads_plain
 
 ASSETS = Path(__file__).parent / "assets" / "eval"
 

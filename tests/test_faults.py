@@ -23,13 +23,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from curation import pipeline
+from medllava.curation import pipeline
 from imaging import random_png
-from finetune.trainer import COMPLETE_MARKER, complete_checkpoints, read_trace
+from medllava.finetune.trainer import COMPLETE_MARKER, complete_checkpoints, read_trace
 from medllava import io as mio
 from medllava.cli import main
-from medllava.commands import demo_data
-from medllava.demo import assets as demo_assets
+from medllava.tiny import demo_data
+from medllava.commands.demo import assets as demo_assets
 from medllava.io import JsonlLog, atomic_dir, describe_error, remove_stale_temps, remove_stale_temps_under
 
 REPO = Path(__file__).resolve().parents[1]

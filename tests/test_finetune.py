@@ -14,17 +14,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from eval.tasks import load_task
-from finetune import heads
-from finetune.heads import FinetuneConfig, head_dir, run_finetune
-from finetune.splits import make_split
-from medllava.chat import answer_batch
-from medllava.commands import demo_data
+from medllava.eval.tasks import load_task
+from medllava.finetune import head_training as heads
+from medllava.finetune.head_training import FinetuneConfig, head_dir, run_finetune
+from medllava.finetune.splits import make_split
+from medllava.commands.chat import answer_batch
+from medllava.tiny import demo_data
 from medllava.config import ConfigError, from_dict, load_config
 from medllava.heads import load_with_heads, read_head_info, use_head
 from medllava.images import load_image
 from medllava.model import ModelConfig, build_model
-from medllava.prompts import format_question
+from medllava.question_styles import format_question
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(__file__).parent / "assets" / "finetune"
@@ -157,7 +157,7 @@ def logits(model, processor, root: Path) -> torch.Tensor:
 
 def test_a_full_head_from_the_command_line_is_a_checkpoint_with_head_json(tiny_checkpoint, vqa_root, tmp_path,
                                                                           capsys):
-    from medllava.chat import read_full_head_info
+    from medllava.commands.chat import read_full_head_info
 
     before = file_hashes(tiny_checkpoint)
     parser = argparse.ArgumentParser()
@@ -238,7 +238,7 @@ def test_a_rerun_resumes_and_another_config_in_the_same_folder_is_refused(traine
 
 @pytest.mark.parametrize("path", sorted((REPO / "finetune" / "configs" / "heads").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_finetune_config_loads(path):
-    from eval.tasks import TASKS
+    from medllava.eval.tasks import TASKS
 
     assert path.read_text().splitlines()[0].startswith(f"# medllava finetune --task finetune/configs/heads/{path.name}")
     cfg = load_config(FinetuneConfig, path)
@@ -302,7 +302,7 @@ def test_series_folders_and_inline_images_become_files(tmp_path):
     from pydicom.data import get_testdata_file
     from pydicom.uid import generate_uid
 
-    from finetune.task_data import task_records
+    from medllava.finetune.task_data import task_records
 
     series = tmp_path / "scans" / "case1"
     series.mkdir(parents=True)
@@ -331,8 +331,8 @@ def test_series_folders_and_inline_images_become_files(tmp_path):
 
 
 def test_closed_answers_are_spelled_as_the_options():
-    from eval.tasks import CLOSED, OPEN
-    from finetune.task_data import reply
+    from medllava.eval.tasks import CLOSED, OPEN
+    from medllava.finetune.task_data import reply
 
     options = ["yes", "no"]
     assert [reply(a, CLOSED, options) for a in ("Yes", "YES ", "no", "No")] == ["yes", "yes", "no", "no"]

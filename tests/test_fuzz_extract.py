@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fuzzing import BUDGET_BYTES, mutate
 
-from medllava.demo import _pack_article
+from medllava.commands.demo import _pack_article
 
 REPO = Path(__file__).resolve().parents[1]
 ARTICLES = sorted((REPO / "medllava" / "assets" / "demo" / "pmc").glob("*.nxml"))
@@ -99,6 +99,6 @@ def test_corrupted_articles_and_packages_never_end_the_run(tmp_path):
 
 
 def parse(article: Path):
-    from curation.jats import parse_article
+    from medllava.curation.jats import parse_article
 
     return parse_article(article.read_bytes())

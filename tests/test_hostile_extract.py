@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from curation import extract, jats
-from curation.jats import parse_article
+from medllava.curation import extract, jats
+from medllava.curation.jats import parse_article
 
 XLINK = 'xmlns:xlink="http://www.w3.org/1999/xlink"'
 

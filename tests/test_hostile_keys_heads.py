@@ -324,6 +324,6 @@ def test_a_bad_override_on_the_command_line_is_one_line_not_a_traceback(tmp_path
     code = main(["finetune", "--task", "vqa-rad", "--root", str(tmp_path), "train.epochs=[3"])
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "override 'train.epochs=[3'" in err
-    from finetune.heads import FinetuneConfig
+    from medllava.finetune.head_training import FinetuneConfig
 
     assert load_config(FinetuneConfig, None, ["train.epochs='3'"]).train.epochs == 3.0

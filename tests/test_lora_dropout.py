@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from finetune.config import LoraConfig
-from finetune.lora_dropout import DropoutLinear, _DropoutThenLinear, fold_lora_dropout
-from finetune.stages import apply_lora
+from medllava.finetune.config import LoraConfig
+from medllava.finetune.lora_dropout import DropoutLinear, _DropoutThenLinear, fold_lora_dropout
+from medllava.finetune.stages import apply_lora
 from medllava.model import ModelConfig, build_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune.adapt import run_dir_lock
+from medllava.finetune.adapt import run_dir_lock
 from medllava import locks
 from medllava.cli import main
-from medllava.demo import IMAGING, assets, prepare_inputs
+from medllava.commands.demo import IMAGING, assets, prepare_inputs
 from medllava.locks import OutputLocked, lock_path, output_lock
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ AT_THE_GUN = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
     from medllava.cli import main
-    import eval.run, eval.tasks, medllava.heads, medllava.model, transformers
+    import medllava.eval.run, medllava.eval.tasks, medllava.heads, medllava.model, transformers
     signals = Path(sys.argv[1])
     (signals / f"ready.{os.getpid()}").touch()
     while not (signals / "go").exists():

@@ -2,7 +2,7 @@
 
 import pytest
 
-from medllava.prompts import SHORT_SUFFIX, closed_options_suffix, format_question
+from medllava.question_styles import SHORT_SUFFIX, closed_options_suffix, format_question
 
 
 def test_styles():

@@ -16,11 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune.config import StageConfig
-from finetune.stages import RunSettings, check_speed_options, run_stage
-from finetune.trainer import optimizer_name, read_trace, training_arguments
-from finetune.vision_cache import VisionFeatureCache
-from medllava.commands import demo_data
+from medllava.finetune.config import StageConfig
+from medllava.finetune.stages import RunSettings, check_speed_options, run_stage
+from medllava.finetune.trainer import optimizer_name, read_trace, training_arguments
+from medllava.finetune.vision_cache import VisionFeatureCache
+from medllava.tiny import demo_data
 from medllava.config import from_dict
 from medllava.data import Collator, EncodedDataset, Encoder
 from medllava.model import ModelConfig, build_model, set_trainable
@@ -252,8 +252,8 @@ def test_zero3_estimate_counts_the_tiny_shape(capsys):
 def test_lora_under_autocast_skips_the_input_cast_and_learns_the_same(batch):
     # Adapters stay in float32 either way; under bf16 autocast their matmuls run in bf16, so PEFT's float32
     # copy of every adapted layer's input changes nothing but the memory traffic.
-    from finetune.config import LoraConfig
-    from finetune.stages import apply_lora
+    from medllava.finetune.config import LoraConfig
+    from medllava.finetune.stages import apply_lora
 
     _, _, inputs = batch
     results = {}
@@ -333,7 +333,7 @@ def test_dataloader_workers_start_once_for_the_whole_run(mixed, tmp_path, monkey
 
 
 def test_the_input_wait_line_advises_only_when_input_held_training_back():
-    from finetune.stages import describe_input_wait
+    from medllava.finetune.stages import describe_input_wait
 
     quick = {"waited_s": 1.0, "training_s": 200.0, "share": 0.005, "longest_wait_s": 0.3, "dataloader_workers": 4}
     assert describe_input_wait(quick) == ("waited for data 0.5% of the training time (1.0 s of 200.0 s, longest"
@@ -364,7 +364,7 @@ def test_auto_checkpointing_tries_the_heaviest_micro_batch_and_trains_as_without
 
 
 def test_auto_checkpointing_turns_on_when_the_trial_runs_out_of_memory(mixed, tmp_path, monkeypatch, capsys):
-    from finetune import memory_probe, stages
+    from medllava.finetune import memory_probe, stages
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -389,7 +389,7 @@ def test_auto_checkpointing_turns_on_when_the_trial_runs_out_of_memory(mixed, tm
 
 
 def test_auto_checkpointing_keeps_room_for_the_optimizer_and_picks_the_longest():
-    from finetune.memory_probe import HEADROOM, fits, heaviest, optimizer_state_bytes
+    from medllava.finetune.memory_probe import HEADROOM, fits, heaviest, optimizer_state_bytes
 
     gib = 2**30
     assert fits(60 * gib, 8 * gib, 80 * gib) and not fits(70 * gib, 8 * gib, 80 * gib)

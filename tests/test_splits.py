@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from pydicom.data import get_testdata_file
 
-from finetune import heads
-from finetune.splits import SPLITS, make_split
-from medllava.commands import demo_data
+from medllava.finetune import head_training as heads
+from medllava.finetune.splits import SPLITS, make_split
+from medllava.tiny import demo_data
 
 IMAGES = demo_data()[1]
 FIELDS = ["image", "question", "answer", "answer_type", "patient_id"]
@@ -86,7 +86,7 @@ def test_the_same_seed_gives_the_same_files_and_another_seed_does_not(cases, tmp
 
 
 def test_split_files_load_back_with_their_images(cases, tmp_path):
-    from eval.tasks import load_task
+    from medllava.eval.tasks import load_task
 
     make_split(cases, tmp_path / "out", seed=1)
     task = load_task("inhouse", tmp_path / "out", "test")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from transformers import Trainer
 
-from finetune.stage_trainer import PRIVATE_OVERRIDES, StageTrainer, internals_problems
+from medllava.finetune.stage_trainer import PRIVATE_OVERRIDES, StageTrainer, internals_problems
 
 
 def test_the_installed_trainer_has_every_internal_medllava_overrides():
@@ -44,7 +44,7 @@ def test_an_internal_the_trainer_no_longer_calls_is_named(monkeypatch):
 
 
 def test_building_a_trainer_stops_before_training_when_upstream_moved(monkeypatch):
-    import finetune.stage_trainer as seam
+    import medllava.finetune.stage_trainer as seam
 
     seam.check_trainer_internals.cache_clear()
     monkeypatch.setattr(seam, "internals_problems", lambda cls: ["Trainer._load_best_model is gone"])

@@ -53,7 +53,7 @@ Open questions (answer_type OPEN); word counts come from whitespace splitting:
                  it is right when it equals the normalized truth.
   bleu, bleu_1, bleu_2, bleu_3  NLTK `sentence_bleu` of the prediction words against the
                  truth words, with the default 4-gram weights and with all weight on 1-, 2-
-                 and 3-grams; no smoothing (see `eval.metrics.bleu`).
+                 and 3-grams; no smoothing (see `medllava.eval.metrics.bleu`).
 Every number is the mean over its questions; answer types other than OPEN/CLOSED are not scored.
 """
 
@@ -63,8 +63,8 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
-from eval.metrics.bleu import sentence_bleu
-from eval.metrics.stats import mean
+from medllava.eval.metrics.bleu import sentence_bleu
+from medllava.eval.metrics.stats import mean
 
 _PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
 _DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")

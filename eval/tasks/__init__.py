@@ -14,11 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from eval.tasks.base import CLOSED, OPEN, Example, Task
-from eval.tasks.inhouse import InHouse
-from eval.tasks.pathvqa import PathVqa
-from eval.tasks.slake import Slake
-from eval.tasks.vqa_rad import VqaRad
+from medllava.eval.tasks.base import CLOSED, OPEN, Example, Task
+from medllava.eval.tasks.inhouse import InHouse
+from medllava.eval.tasks.pathvqa import PathVqa
+from medllava.eval.tasks.slake import Slake
+from medllava.eval.tasks.vqa_rad import VqaRad
 
 TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (VqaRad, Slake, PathVqa, InHouse)}
 

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from medllava.io import DataError
 
-from eval.tasks import formats
+from medllava.eval.tasks import formats
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from medllava.io import DataError, iter_json_array, read_jsonl
 
-from eval.tasks.safe_pickle import load_plain_pickle
+from medllava.eval.tasks.safe_pickle import load_plain_pickle
 
 _CONVERSATION_KEYS = ("conversations", "conversatons")  # LLaVA-Med files misspell it
 ERROR_KEY = "_error"

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from medllava.io import DataError
 
-from eval.tasks import formats
-from eval.tasks.base import Example, Task, answer_text, infer_answer_type
+from medllava.eval.tasks import formats
+from medllava.eval.tasks.base import Example, Task, answer_text, infer_answer_type
 
 _SPLIT_ALIASES = {"validate": "val", "validation": "val"}
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from medllava.io import DataError
 
-from eval.tasks import formats
-from eval.tasks.base import Example, Task, answer_text, parse_answer_type, require_text
+from medllava.eval.tasks import formats
+from medllava.eval.tasks.base import Example, Task, answer_text, parse_answer_type, require_text
 
 LANGS = ("en", "zh", "all")
 _SPLIT_ALIASES = {"val": "validate", "validation": "validate"}

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from medllava.io import DataError
 
-from eval.tasks import formats
-from eval.tasks.base import Example, Task, answer_text, parse_answer_type, require_text
+from medllava.eval.tasks import formats
+from medllava.eval.tasks.base import Example, Task, answer_text, parse_answer_type, require_text
 
 OFFICIAL_NAMES = ("VQA_RAD_Dataset_Public.json", "VQA_RAD Dataset Public.json")
 IMAGE_DIRS = ("images", "VQA_RAD Image Folder")

@@ -2,7 +2,7 @@
 
 The output is a `LlavaForConditionalGeneration` + `LlavaProcessor` folder that
 `medllava.model.build_model` loads. Reading and checking the original layout, and renaming its tensors,
-is `medllava.original_layout`; this file builds the llava-hf side from it (config, tokenizer, processor
+is `medllava.commands.original_layout`; this file builds the llava-hf side from it (config, tokenizer, processor
 with a chat template) and writes the folder:
 
     original                              llava-hf
@@ -26,7 +26,7 @@ import json
 import logging
 from pathlib import Path
 
-from medllava.original_layout import (
+from medllava.commands.original_layout import (
     PROJECTORS, SELECT_FEATURE, ConvertError, Source, load_weights, map_weights, read_source, resolve_vision,
 )
 from medllava.records import IMAGE_PLACEHOLDER

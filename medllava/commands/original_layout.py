@@ -1,5 +1,5 @@
 """The original LLaVA / LLaVA-Med checkpoint layout: reading and checking a checkpoint, and renaming
-its tensors to the names `LlavaForConditionalGeneration` uses. `medllava.convert` builds the rest of
+its tensors to the names `LlavaForConditionalGeneration` uses. `medllava.commands.convert` builds the rest of
 the llava-hf folder (config, tokenizer, processor) and writes it.
 
 The original layout (haotian-liu/LLaVA, microsoft/LLaVA-Med) is one causal LM whose config.json also

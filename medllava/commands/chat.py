@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medllava.prompts import PROMPT_STYLES
+from medllava.question_styles import PROMPT_STYLES
 from medllava.templates import TEMPLATES
 
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -48,7 +48,7 @@ def register(subparsers) -> None:
 def run_chat(args: argparse.Namespace) -> int:
     from medllava.heads import HEAD_FILE, HeadInfo, load_with_heads
     from medllava.model import ModelConfig
-    from medllava.prompts import format_question
+    from medllava.question_styles import format_question
 
     image = question_image(args.image)  # a bad image fails before the model is loaded
     model, processor, infos = load_with_heads(ModelConfig(name_or_path=args.model), [args.head] if args.head else [])

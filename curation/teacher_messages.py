@@ -1,6 +1,6 @@
 """Chat messages for the teacher: LLaVA-Med's caption-only method and ALLaVA's image method.
 
-The prompt text lives in curation/prompts/*.yaml; this module loads it, loads few-shot examples
+The prompt text lives in curation/teacher_prompts/*.yaml; this module loads it, loads few-shot examples
 (the shipped ones or a file in LLaVA-Med's `instruct_few_shot_examples.json` format) and builds
 the message list for one figure.
 """
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from curation.instruct_parse import Pair, clean_text
-from curation.sources import detokenize, squash
+from medllava.curation.instruct_parse import Pair, clean_text
+from medllava.curation.sources import detokenize, squash
 from medllava.io import DataError
 from medllava.records import GPT, HUMAN, ROLE_ALIASES
 
@@ -39,8 +39,8 @@ class FewShot:
 
 
 def load_prompts(name: str) -> dict:
-    """A shipped prompt file from curation/prompts (e.g. "llava_med.yaml") as a dict."""
-    text = resources.files("curation.prompts").joinpath(name).read_text(encoding="utf-8")
+    """A shipped prompt file from curation/teacher_prompts (e.g. "llava_med.yaml") as a dict."""
+    text = resources.files("medllava.curation").joinpath("teacher_prompts", name).read_text(encoding="utf-8")
     return yaml.safe_load(text)
 
 
@@ -51,7 +51,7 @@ def load_few_shot(path: str | os.PathLike | None = None) -> list[FewShot]:
     `in_text_mention`, as strings or `{tokens: ...}`) and `conversations` of human/gpt turns.
     """
     if path is None:
-        where, data = "curation/prompts/llava_med.yaml", load_prompts("llava_med.yaml").get("few_shot")
+        where, data = "curation/teacher_prompts/llava_med.yaml", load_prompts("llava_med.yaml").get("few_shot")
     else:
         where = str(path)
         with open(path, encoding="utf-8") as f:

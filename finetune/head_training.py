@@ -3,8 +3,8 @@
     medllava finetune --task vqa-rad --base runs/llava_med/instruct/model --root data/vqa_rad train.epochs=9
     medllava finetune split --in cases.csv --out data/cases --group-by patient_id
 
-The task's training split becomes one conversation per question (`finetune.task_data`), asked in
-the head's prompt style; the one training wrapper (`finetune.stages.run_stage`) trains it, keeping
+The task's training split becomes one conversation per question (`medllava.finetune.task_data`), asked in
+the head's prompt style; the one training wrapper (`medllava.finetune.stages.run_stage`) trains it, keeping
 the checkpoint with the lowest validation loss when the task has a validation split. The head is
 saved in its own folder, loadable with `medllava.heads.load_with_heads`: a LoRA adapter (with the
 projector when it was trained) and `head.json` saying how it was taught. With `head.full=true` it is
@@ -30,7 +30,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.config import DataConfig, LoraConfig, StageConfig
+from medllava.finetune.config import DataConfig, LoraConfig, StageConfig
 from medllava.config import ConfigError, add_config_help, claim_run_dir, load_config
 from medllava.model import ModelConfig
 
@@ -44,7 +44,7 @@ TASK_CONFIGS = {
 @dataclass
 class TaskSource:
     name: str = "vqa-rad"
-    """Task loader (eval.tasks): vqa-rad, slake, pathvqa or inhouse."""
+    """Task loader (medllava.eval.tasks): vqa-rad, slake, pathvqa or inhouse."""
 
     root: str = ""
     """Dataset folder in the release's own layout (in-house: the folder of the split files)."""
@@ -140,7 +140,7 @@ def register(subparsers) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if args.rest and args.rest[0] == "split":
-        from finetune.splits import main as split_main
+        from medllava.finetune.splits import main as split_main
 
         return split_main(args.rest[1:])
     stray = [a for a in args.rest if a.startswith("-") or "=" not in a]
@@ -172,7 +172,7 @@ def task_config_path(task: str) -> Path:
 def run_finetune(cfg: FinetuneConfig, command: str = "") -> dict:
     """Write the task's conversations, train, and save the head; returns the training record
     with `head` (the head folder) added."""
-    from finetune.trainer import is_main_process
+    from medllava.finetune.trainer import is_main_process
 
     if not cfg.task.root:
         raise ConfigError("task.root is not set: give the dataset folder with --root or task.root=DIR")
@@ -191,8 +191,8 @@ def run_finetune(cfg: FinetuneConfig, command: str = "") -> dict:
 
 def head_locks(cfg: FinetuneConfig, command: str, main_process: bool) -> contextlib.ExitStack:
     """The locks of the run folder and of the head folder (when it is not inside the run folder),
-    held by the main process only, as in `finetune.adapt.run_dir_lock`."""
-    from finetune.adapt import run_dir_lock
+    held by the main process only, as in `medllava.finetune.adapt.run_dir_lock`."""
+    from medllava.finetune.adapt import run_dir_lock
 
     run_dir, head = Path(cfg.run_dir), head_dir(cfg)
     stack = contextlib.ExitStack()
@@ -209,8 +209,8 @@ def head_locks(cfg: FinetuneConfig, command: str, main_process: bool) -> context
 def read_task_data(cfg: FinetuneConfig, out: Path) -> dict:
     """role ("train", "validation") -> (task, its conversation records); images stored inside the
     release file are written under `out/images`."""
-    from eval.tasks import load_task
-    from finetune.task_data import task_records
+    from medllava.eval.tasks import load_task
+    from medllava.finetune.task_data import task_records
 
     made = {}
     for role, split in (("train", cfg.task.train_split), ("validation", cfg.task.val_split)):
@@ -246,8 +246,8 @@ def write_task_data(cfg: FinetuneConfig, made: dict, out: Path) -> tuple[DataCon
 
 def train_head(cfg: FinetuneConfig, train_data: DataConfig, val_data: DataConfig | None = None) -> dict:
     """Train on `train_data` (model selection on `val_data`) and save the head; see the module docstring."""
-    from finetune.stages import RunSettings, describe_train_loss, run_stage
-    from finetune.trainer import is_main_process
+    from medllava.finetune.stages import RunSettings, describe_train_loss, run_stage
+    from medllava.finetune.trainer import is_main_process
     from medllava.heads import HeadInfo
 
     stage = dataclasses.replace(cfg.train, data=train_data)

@@ -248,7 +248,7 @@ def evaluate(work: Path) -> None:
 
 
 def report(work: Path, seconds: float) -> None:
-    from medllava.demo_report import write_report
+    from medllava.commands.demo_report import write_report
 
     path = write_report(work, seconds)
     print(f"report written to {path}")

@@ -1,4 +1,4 @@
-"""Core commands: `medllava check`.
+"""`medllava check`.
 
 `check` reads a conversation dataset the way training will (schema, images, template, tokenizer,
 max length), runs the model forward over it, and reports what a long run would skip and why,
@@ -8,16 +8,10 @@ before any GPU hour is spent.
 from __future__ import annotations
 
 import argparse
-from importlib import resources
 from pathlib import Path
 
 from medllava.templates import TEMPLATES
-
-
-def demo_data() -> tuple[Path, Path]:
-    """The embedded demo conversations and their image folder (real VQA-RAD rows, CC0)."""
-    root = Path(str(resources.files("medllava").joinpath("assets/demo")))
-    return root / "conversations.jsonl", root / "images"
+from medllava.tiny import demo_data
 
 
 def register(subparsers) -> None:
