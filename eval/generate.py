@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from medllava.images import ImageLoadError, load_image
 from medllava.question_styles import YES_NO, format_question
-from medllava.templates import prompt_text
+from medllava.templates import DEFAULT_TEMPLATE, get_template, prompt_text
 
 from medllava.eval.tasks.base import Example, Task
 
@@ -29,8 +29,8 @@ from medllava.eval.tasks.base import Example, Task
 class Asking:
     """How questions are put to the model; a head's head.json fixes these for the head."""
 
-    template: str = "vicuna_v1"
-    """Conversation template the model was trained with (medllava.templates.TEMPLATES)."""
+    template: str = DEFAULT_TEMPLATE
+    """Conversation template the model was trained with (medllava.templates.GENERATION_TEMPLATES)."""
 
     prompt_style: str = "llava-med"
     """Question style (medllava.question_styles.PROMPT_STYLES)."""
@@ -116,25 +116,26 @@ def encode(processor, texts: Sequence[str], images: Sequence, device, dtype, add
     return batch
 
 
-def greedy_config(model, processor, max_new_tokens: int):
-    """Greedy decoding with the KV cache; sampling settings a checkpoint ships are not inherited."""
+def greedy_config(model, processor, max_new_tokens: int, template: str = DEFAULT_TEMPLATE):
+    """Greedy decoding with the KV cache, stopping where `template` ends a reply; sampling settings a
+    checkpoint ships are not inherited."""
     from transformers import GenerationConfig
 
     tok = processor.tokenizer
-    eos = model.generation_config.eos_token_id
     return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                            eos_token_id=eos if eos is not None else tok.eos_token_id,
+                            eos_token_id=get_template(template).stop_token_ids(model, tok),
                             pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
 
 
 def generate_answers(model, processor, prompts: Sequence[str], images: Sequence, max_new_tokens: int,
-                     template: str = "vicuna_v1") -> list[str]:
+                     template: str = DEFAULT_TEMPLATE) -> list[str]:
     """Greedy answers for one batch; `prompts[i]` (rendered with `template`) is asked about `images[i]`."""
     import torch
 
     batch = encode(processor, prompts, images, model.device, model.dtype,
-                   add_special_tokens=template != "chat_template")
+                   add_special_tokens=not get_template(template).writes_bos)
+    config = greedy_config(model, processor, max_new_tokens, template)
     with torch.inference_mode():
-        out = model.generate(**batch, generation_config=greedy_config(model, processor, max_new_tokens))
+        out = model.generate(**batch, generation_config=config)
     new_tokens = out[:, batch["input_ids"].shape[1]:]
     return [text.strip() for text in processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from medllava.records import GPT, HUMAN, IMAGE_PLACEHOLDER
-from medllava.templates import prompt_text, render
+from medllava.templates import get_template, prompt_text, render
 
 from medllava.eval.generate import encode
 
@@ -77,7 +77,7 @@ def score_candidates(model, processor, questions: Sequence[str], images: Sequenc
     with candidate answers `candidates[i]`.
     """
     tok = processor.tokenizer
-    add_special = template != "chat_template"  # a Jinja chat template writes its own BOS
+    add_special = not get_template(template).writes_bos
     texts, row_images, lengths = [], [], []
     for question, image, options in zip(questions, images, candidates, strict=True):
         if not options:

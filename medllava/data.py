@@ -14,7 +14,7 @@ from pathlib import Path
 from medllava.loss import supervised_positions
 from medllava.model import num_image_tokens
 from medllava.records import image_paths
-from medllava.templates import IGNORE_INDEX, TooLongError, UnusableConversation, encode_conversation
+from medllava.templates import DEFAULT_TEMPLATE, IGNORE_INDEX, TooLongError, UnusableConversation, encode_conversation
 
 
 class SkipExample(Exception):
@@ -31,7 +31,7 @@ class Encoder:
     """Encodes records for one model: its processor, template and image settings."""
 
     processor: object
-    template: str = "vicuna_v1"
+    template: str = DEFAULT_TEMPLATE
     image_root: Path | None = None
     max_length: int | None = 2048
     image_options: dict = field(default_factory=dict)

@@ -18,7 +18,7 @@ from pathlib import Path
 from medllava.io import atomic_write_json
 from medllava.model import ModelConfig, build_model
 from medllava.question_styles import PROMPT_STYLES
-from medllava.templates import TEMPLATES
+from medllava.templates import DEFAULT_TEMPLATE, TEMPLATES
 
 HEAD_FILE = "head.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -34,7 +34,7 @@ class HeadInfo:
     """What a head was trained for and how to prompt it."""
 
     task: str
-    template: str = "vicuna_v1"
+    template: str = DEFAULT_TEMPLATE
     prompt_style: str = "llava-med"
     closed_options: list[str] = field(default_factory=lambda: ["yes", "no"])
     base: str = ""

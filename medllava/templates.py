@@ -1,4 +1,4 @@
-"""Conversation templates and label masking.
+"""Conversation templates and label masking: the one registry of templates.
 
 A record's turns are rendered to one string with the template its checkpoint was trained on, the
 `<image>` placeholder expanded to as many image tokens as the vision tower yields (as transformers'
@@ -7,15 +7,16 @@ included; everything else is -100. Assistant spans are tracked as character rang
 and mapped to tokens through the fast tokenizer's offsets, so the tokens that carry loss are exactly
 the tokens the model sees at inference, with no re-tokenisation at segment boundaries.
 
-Templates:
-- `vicuna_v1`: LLaVA-1.5 and LLaVA-Med v1.0: `SYSTEM USER: q ASSISTANT: a</s>USER: ...`.
-- `mistral_instruct`: LLaVA-Med v1.5 (Mistral-7B): `[INST] q [/INST] a </s>[INST] ...`.
-- `plain`: LLaVA's stage-1 format: the image, then the caption; the instruction is dropped.
-- `chat_template`: the checkpoint tokenizer's own Jinja chat template.
+`TEMPLATES` below is the registry that training, `eval run`, `chat`, `check`, `convert` and head
+files all read: a template's name, how it renders turns (and so which characters carry loss), its
+generation prompt, whether its text holds its own BOS, where generation stops, and the Jinja chat
+template `convert` writes into a checkpoint for it. Adding a template is one entry here.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from medllava.records import HUMAN, IMAGE_PLACEHOLDER
@@ -26,7 +27,6 @@ VICUNA_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
-TEMPLATES = ("vicuna_v1", "mistral_instruct", "plain", "chat_template")
 
 
 @dataclass
@@ -37,23 +37,8 @@ class Rendered:
     assistant_spans: list[tuple[int, int]]
 
 
-def _image_first(value: str) -> str:
-    """Move a single `<image>` to the front of the turn, as LLaVA's training code does."""
-    if value.count(IMAGE_PLACEHOLDER) != 1:
-        return value
-    return IMAGE_PLACEHOLDER + "\n" + value.replace(IMAGE_PLACEHOLDER, "").strip()
-
-
 class UnusableConversation(ValueError):
     """A record whose turns the chosen template cannot render (e.g. several rounds under `plain`)."""
-
-
-def template_problem(turns: list[dict], template: str) -> str | None:
-    """Why `template` cannot render `turns`, or None when it can: a per-record check, cheap enough to
-    run over a whole data set before training."""
-    if template == "plain" and len(turns) > 2:
-        return f"template 'plain' takes one human and one gpt turn, got {len(turns)} turns"
-    return None
 
 
 class _Builder:
@@ -74,6 +59,143 @@ class _Builder:
         return Rendered("".join(self.parts), self.spans)
 
 
+# A writer renders turns into a _Builder: (builder, turns, image_text, eos, system). Supervised text
+# (the assistant's reply and its end-of-turn markup) is added with supervised=True.
+Writer = Callable[[_Builder, list[dict], str, str, "str | None"], None]
+
+
+def _write_vicuna_v1(b: _Builder, turns: list[dict], image_text: str, eos: str, system: str | None) -> None:
+    b.add((VICUNA_SYSTEM if system is None else system) + " ")
+    for t in turns:
+        if t["from"] == HUMAN:
+            b.add("USER: " + t["value"].replace(IMAGE_PLACEHOLDER, image_text) + " ASSISTANT:")
+        else:
+            # The space after "ASSISTANT:" is part of the target, as in LLaVA: the generation
+            # prompt ends at the colon, so the model must learn to produce it (a tokenizer that
+            # does not merge it into the reply's first word would otherwise never be taught it).
+            b.add(" " + t["value"] + eos, supervised=True)
+
+
+def _write_mistral_instruct(b: _Builder, turns: list[dict], image_text: str, eos: str, system: str | None) -> None:
+    for i, t in enumerate(turns):
+        if t["from"] == HUMAN:
+            sys_prefix = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if (system and i == 0) else ""
+            b.add("[INST] " + sys_prefix + t["value"].replace(IMAGE_PLACEHOLDER, image_text) + " [/INST]")
+        else:
+            b.add(" " + t["value"] + " " + eos, supervised=True)  # the space too, as for vicuna_v1
+
+
+def _write_plain(b: _Builder, turns: list[dict], image_text: str, eos: str, system: str | None) -> None:
+    for t in turns:
+        if t["from"] == HUMAN:
+            # Stage-1 alignment: only the image conditions the caption.
+            b.add(image_text * t["value"].count(IMAGE_PLACEHOLDER))
+        else:
+            b.add(t["value"] + "\n", supervised=True)
+
+
+# Jinja chat templates that render exactly what the writers above write for the same turns, preceded
+# by BOS; `content` is a string or llava-hf's list of {"type": "image"|"text"} parts. `convert` writes
+# them into the checkpoints it makes, so any tool that uses the chat template asks as training taught.
+_JINJA_CONTENT = (
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for part in m['content'] %}{% if part['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for part in m['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}"
+)
+_JINJA_SYSTEM = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{% set ns.system = m['content'] if m['content'] is string"
+    " else m['content'] | map(attribute='text') | join('') %}{% endif %}{% endfor %}"
+)
+_VICUNA_V1_JINJA = (
+    "{{ bos_token }}{% set ns = namespace(system=" + json.dumps(VICUNA_SYSTEM) + ") %}" + _JINJA_SYSTEM
+    + "{{ ns.system }} {% for m in messages %}{% if m['role'] == 'user' %}USER: " + _JINJA_CONTENT
+    + " {% elif m['role'] == 'assistant' %}ASSISTANT: " + _JINJA_CONTENT + "{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+_MISTRAL_INSTRUCT_JINJA = (
+    "{{ bos_token }}{% set ns = namespace(system='', first=true) %}" + _JINJA_SYSTEM
+    + "{% for m in messages %}{% if m['role'] == 'user' %}[INST] {% if ns.first and ns.system %}"
+    "<<SYS>>\n{{ ns.system }}\n<</SYS>>\n\n{% endif %}{% set ns.first = false %}" + _JINJA_CONTENT
+    + " [/INST]{% elif m['role'] == 'assistant' %} " + _JINJA_CONTENT + " {{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+@dataclass(frozen=True)
+class Template:
+    """One conversation template: everything any command needs to know about it."""
+
+    name: str
+    summary: str
+    """One line for help texts and docs: which checkpoints use it."""
+    writer: Writer | None
+    """Renders turns and marks the supervised characters; None renders with the checkpoint
+    processor's own Jinja chat template (assistant spans found by rendering prefixes)."""
+    generates: bool = True
+    """It has a generation prompt (text that ends where the assistant's reply starts), so `eval run`
+    and `chat` can ask with it; `plain` (stage 1) has none."""
+    max_turns: int | None = None
+    """Longest conversation it can render (`plain`: one human and one gpt turn), checked per record."""
+    jinja: str | None = None
+    """A Jinja chat template that renders the same text after BOS, for `convert` to write."""
+
+    @property
+    def writes_bos(self) -> bool:
+        """The rendered text holds its own BOS (a Jinja chat template writes it): tokenise it without
+        the tokenizer's special tokens. The hand-written templates rely on the tokenizer adding BOS."""
+        return self.writer is None
+
+    def problem(self, turns: list[dict]) -> str | None:
+        """Why this template cannot render `turns`, or None when it can."""
+        if self.max_turns is not None and len(turns) > self.max_turns:
+            return f"template {self.name!r} takes one human and one gpt turn, got {len(turns)} turns"
+        return None
+
+    def stop_token_ids(self, model, tokenizer) -> int | list[int] | None:
+        """Where greedy generation stops: the checkpoint's end-of-turn id(s) from its generation
+        config, else the tokenizer's EOS (what every template here ends a reply with)."""
+        eos = model.generation_config.eos_token_id
+        return eos if eos is not None else tokenizer.eos_token_id
+
+
+TEMPLATES: dict[str, Template] = {t.name: t for t in (
+    Template("vicuna_v1", "LLaVA-1.5 and LLaVA-Med v1.0: `SYSTEM USER: q ASSISTANT: a</s>USER: ...`",
+             _write_vicuna_v1, jinja=_VICUNA_V1_JINJA),
+    Template("mistral_instruct", "LLaVA-Med v1.5 (Mistral-7B): `[INST] q [/INST] a </s>[INST] ...`",
+             _write_mistral_instruct, jinja=_MISTRAL_INSTRUCT_JINJA),
+    Template("plain", "LLaVA's stage-1 format: the image, then the caption; the instruction is dropped",
+             _write_plain, generates=False, max_turns=2),
+    Template("chat_template", "the checkpoint tokenizer's own Jinja chat template", None),
+)}
+"""Every conversation template, by name."""
+
+GENERATION_TEMPLATES = tuple(name for name, t in TEMPLATES.items() if t.generates)
+"""Templates that can ask a question (`eval run`, `chat`)."""
+
+DEFAULT_TEMPLATE = "vicuna_v1"
+"""The template of LLaVA-1.5 checkpoints, used when neither a config nor a head names one."""
+
+
+def get_template(name: str) -> Template:
+    """The registered template `name`; a ValueError naming the choices otherwise."""
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown template {name!r}; choose one of {', '.join(TEMPLATES)}")
+    return TEMPLATES[name]
+
+
+def _image_first(value: str) -> str:
+    """Move a single `<image>` to the front of the turn, as LLaVA's training code does."""
+    if value.count(IMAGE_PLACEHOLDER) != 1:
+        return value
+    return IMAGE_PLACEHOLDER + "\n" + value.replace(IMAGE_PLACEHOLDER, "").strip()
+
+
+def template_problem(turns: list[dict], template: str) -> str | None:
+    """Why `template` cannot render `turns`, or None when it can: a per-record check, cheap enough to
+    run over a whole data set before training."""
+    return get_template(template).problem(turns)
+
+
 def render(
     turns: list[dict],
     template: str,
@@ -90,38 +212,14 @@ def render(
     text ends where the assistant's next reply would start (turns must then end with a human turn).
     `processor` (one with a chat template) is needed only for `chat_template`.
     """
+    spec = get_template(template)
     turns = [dict(t, value=_image_first(t["value"])) if t["from"] == HUMAN else t for t in turns]
-    if template == "chat_template":
+    if spec.writer is None:
         return _render_chat_template(turns, processor, image_text, add_generation_prompt)
+    if problem := spec.problem(turns):
+        raise UnusableConversation(problem)
     b = _Builder()
-    if template == "vicuna_v1":
-        b.add((VICUNA_SYSTEM if system is None else system) + " ")
-        for t in turns:
-            if t["from"] == HUMAN:
-                b.add("USER: " + t["value"].replace(IMAGE_PLACEHOLDER, image_text) + " ASSISTANT:")
-            else:
-                # The space after "ASSISTANT:" is part of the target, as in LLaVA: the generation
-                # prompt ends at the colon, so the model must learn to produce it (a tokenizer that
-                # does not merge it into the reply's first word would otherwise never be taught it).
-                b.add(" " + t["value"] + eos, supervised=True)
-    elif template == "mistral_instruct":
-        for i, t in enumerate(turns):
-            if t["from"] == HUMAN:
-                sys_prefix = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if (system and i == 0) else ""
-                b.add("[INST] " + sys_prefix + t["value"].replace(IMAGE_PLACEHOLDER, image_text) + " [/INST]")
-            else:
-                b.add(" " + t["value"] + " " + eos, supervised=True)  # the space too, as for vicuna_v1
-    elif template == "plain":
-        if problem := template_problem(turns, template):
-            raise UnusableConversation(problem)
-        for t in turns:
-            if t["from"] == HUMAN:
-                # Stage-1 alignment: only the image conditions the caption.
-                b.add(image_text * t["value"].count(IMAGE_PLACEHOLDER))
-            else:
-                b.add(t["value"] + "\n", supervised=True)
-    else:
-        raise ValueError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
+    spec.writer(b, turns, image_text, eos, system)
     return b.done()
 
 
@@ -196,9 +294,8 @@ def encode_conversation(
         turns, template, eos=tokenizer.eos_token or "", image_text=image_token * num_image_tokens,
         system=system, processor=processor,
     )
-    # A Jinja chat template writes its own BOS; the other templates rely on the tokenizer adding it.
     enc = tokenizer(
-        rendered.text, add_special_tokens=template != "chat_template", return_offsets_mapping=True,
+        rendered.text, add_special_tokens=not get_template(template).writes_bos, return_offsets_mapping=True,
     )
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     labels = [IGNORE_INDEX] * len(ids)

@@ -18,11 +18,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from medllava.commands.convert import (
-    CHAT_TEMPLATES, ConvertError, convert, image_processor_kwargs, read_source, resolve_vision,
-)
+from medllava.commands.convert import ConvertError, convert, image_processor_kwargs, read_source, resolve_vision
+from medllava.commands.original_layout import ORIGINAL_TYPES
 from medllava.model import ModelConfig, build_model, num_image_tokens
-from medllava.templates import render
+from medllava.templates import TEMPLATES, render
 
 IMAGE_MARK = -200  # the original code's IMAGE_TOKEN_INDEX
 VISION_PREFIX = "model.vision_tower.vision_tower."
@@ -246,7 +245,11 @@ def test_linear_projector_tower_from_folder_without_pad(tokenizer_files, tmp_pat
     assert num_image_tokens(processor) == 17  # 4x4 patches and CLS
 
 
-@pytest.mark.parametrize("template", ["vicuna_v1", "mistral_instruct"])
+def test_every_template_an_original_checkpoint_uses_has_a_chat_template_to_write():
+    assert {template for _, template in ORIGINAL_TYPES.values()} <= {n for n, t in TEMPLATES.items() if t.jinja}
+
+
+@pytest.mark.parametrize("template", [name for name, t in TEMPLATES.items() if t.jinja])
 @pytest.mark.parametrize("system", [None, "You are a radiologist."])
 def test_chat_templates_render_as_the_project_templates(template, system):
     from jinja2 import Environment
@@ -260,7 +263,7 @@ def test_chat_templates_render_as_the_project_templates(template, system):
         {"role": "user", "content": "How large?"},
         {"role": "assistant", "content": "Small."},
     ]
-    jinja = Environment().from_string(CHAT_TEMPLATES[template])
+    jinja = Environment().from_string(TEMPLATES[template].jinja)
     text = jinja.render(messages=messages, bos_token="<s>", eos_token="</s>", add_generation_prompt=False)
     assert text == "<s>" + render(turns, template, "</s>", system=system).text
     prompt = jinja.render(messages=messages[:-1], bos_token="<s>", eos_token="</s>", add_generation_prompt=True)

@@ -9,7 +9,8 @@ from PIL import Image
 
 from medllava.model import num_image_tokens
 from medllava.templates import (
-    IGNORE_INDEX, TEMPLATES, TooLongError, encode_conversation, prompt_text, render, supervised_spans,
+    GENERATION_TEMPLATES, IGNORE_INDEX, TEMPLATES, TooLongError, encode_conversation, prompt_text, render,
+    supervised_spans,
 )
 
 TURNS = [
@@ -116,3 +117,37 @@ def test_truncation_never_cuts_the_image_or_the_first_reply(tiny):
         encode_conversation(TURNS, processor, "vicuna_v1", n, max_length=first_end - 1)
     with pytest.raises(TooLongError, match="image tokens"):
         encode_conversation(TURNS, processor, "vicuna_v1", n, max_length=20)
+
+
+@pytest.mark.parametrize("template", GENERATION_TEMPLATES)
+def test_every_generation_prompt_is_where_the_rendered_reply_starts(tiny, template):
+    """Generation and likelihood scoring ask with prompt_text; training renders whole conversations:
+    for every template that can ask, the prompt is exactly the text before the supervised reply."""
+    _, processor = tiny
+    turns = [{"from": "human", "value": "<image>\nIs it normal?"}, {"from": "gpt", "value": "Yes"}]
+    prompt = prompt_text("Is it normal?", template, processor)
+    full = render(turns, template, processor.tokenizer.eos_token, processor=processor)
+    (start, _), = full.assistant_spans
+    assert full.text[:start] == prompt
+
+
+def test_the_registry_is_what_every_command_offers():
+    """A template added to TEMPLATES reaches every command; none keeps its own list."""
+    import argparse
+
+    from medllava.commands import chat, check
+    from medllava.eval import run
+
+    def template_choices(module) -> set[str]:
+        parser = argparse.ArgumentParser()
+        module.register(parser.add_subparsers())
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        (command,) = sub.choices.values()
+        return set(next(a for a in command._actions if a.dest == "template").choices)
+
+    assert template_choices(check) == set(TEMPLATES)
+    assert template_choices(chat) == template_choices(run) == set(GENERATION_TEMPLATES)
+    assert set(GENERATION_TEMPLATES) == {n for n, t in TEMPLATES.items() if t.generates}
+    assert "plain" in TEMPLATES and "plain" not in GENERATION_TEMPLATES
+    with pytest.raises(ValueError, match="unknown template 'vicuna'; choose one of vicuna_v1, mistral_instruct"):
+        render(TURNS, "vicuna", eos="</s>")

@@ -21,7 +21,7 @@ import argparse
 from pathlib import Path
 
 from medllava.question_styles import PROMPT_STYLES
-from medllava.templates import TEMPLATES
+from medllava.templates import DEFAULT_TEMPLATE, GENERATION_TEMPLATES
 
 DEFAULT_MAX_NEW_TOKENS = 64
 
@@ -39,7 +39,8 @@ def register(subparsers) -> None:
                    help="image file (PNG, JPEG, DICOM, ...) or DICOM series folder")
     p.add_argument("--question", required=True, help="the question")
     p.add_argument("--closed", action="store_true", help="a closed question: ask it in the head's closed-question form")
-    p.add_argument("--template", choices=TEMPLATES, help="conversation template (default: the head's, else vicuna_v1)")
+    p.add_argument("--template", choices=GENERATION_TEMPLATES,
+                   help=f"conversation template (default: the head's, else {DEFAULT_TEMPLATE})")
     p.add_argument("--prompt-style", choices=PROMPT_STYLES, help="question style (default: the head's, else plain)")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="answer length limit in tokens")
     p.set_defaults(func=run_chat)
@@ -75,29 +76,17 @@ def answer_batch(model, processor, images: list, questions: list[str], template:
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> list[str]:
     """Greedy answers, one per (RGB image, question text); the text is the human turn without `<image>`.
 
-    The batch is left-padded so every prompt ends where its answer starts.
+    Asked and decoded exactly as `eval run` asks (`medllava.eval.generate.generate_answers`): a
+    left-padded batch, the template's own BOS handling and stop tokens.
     """
-    import torch
-
+    from medllava.eval.generate import ensure_pad_token, generate_answers
     from medllava.templates import prompt_text
 
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images but {len(questions)} questions")
+    ensure_pad_token(processor)
     texts = [prompt_text(q, template, processor) for q in questions]
-    tokenizer = processor.tokenizer
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        batch = processor(images=images, text=texts, return_tensors="pt", padding=True)
-    finally:
-        tokenizer.padding_side = side
-    batch = batch.to(next(model.parameters()).device)
-    with torch.no_grad():
-        out = model.generate(
-            **batch, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-        )
-    new_tokens = out[:, batch["input_ids"].shape[1]:]
-    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return generate_answers(model, processor, texts, images, max_new_tokens, template)
 
 
 def question_image(path: str | Path):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medllava.templates import TEMPLATES
+from medllava.templates import DEFAULT_TEMPLATE, TEMPLATES
 from medllava.tiny import demo_data
 
 
@@ -28,7 +28,8 @@ def register(subparsers) -> None:
     p.add_argument("--data", type=Path, help="conversation file (default: the embedded demo set)")
     p.add_argument("--image-root", type=Path, help="folder that image paths are relative to")
     p.add_argument("--model", default="tiny", help="llava-hf checkpoint folder or a named model (tiny, small)")
-    p.add_argument("--template", default="vicuna_v1", choices=TEMPLATES, help="conversation template")
+    p.add_argument("--template", default=DEFAULT_TEMPLATE, choices=TEMPLATES,
+                   help=f"conversation template (default {DEFAULT_TEMPLATE})")
     p.add_argument("--max-length", type=int, default=2048, help="token limit per example (default 2048)")
     p.add_argument("--batch-size", type=int, default=4, help="examples per forward pass (default 4)")
     p.add_argument("--limit", type=int, help="check only the first N records")

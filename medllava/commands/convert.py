@@ -22,7 +22,6 @@ of the CLIPImageProcessor LLaVA trained with (the PIL backend reproduces it).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from medllava.commands.original_layout import (
     PROJECTORS, SELECT_FEATURE, ConvertError, Source, load_weights, map_weights, read_source, resolve_vision,
 )
 from medllava.records import IMAGE_PLACEHOLDER
-from medllava.templates import VICUNA_SYSTEM
+from medllava.templates import get_template
 
 log = logging.getLogger(__name__)
 
@@ -40,34 +39,6 @@ LLAVA_FIELDS = {"architectures", "model_type", "_name_or_path", "transformers_ve
                 "use_mm_proj", "image_aspect_ratio", "image_grid_pinpoints", "tokenizer_model_max_length",
                 "tokenizer_padding_side", "max_length"}
 LLAVA_PREFIXES = ("mm_", "tune_mm", "freeze_mm", "unfreeze_mm")
-
-# Chat templates that render exactly what medllava.templates.render writes for the same turns,
-# preceded by BOS; `content` is a string or llava-hf's list of {"type": "image"|"text"} parts.
-_CONTENT = (
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
-    "{% for part in m['content'] %}{% if part['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
-    "{% for part in m['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
-    "{% endif %}"
-)
-_SYSTEM = (
-    "{% for m in messages %}{% if m['role'] == 'system' %}{% set ns.system = m['content'] if m['content'] is string"
-    " else m['content'] | map(attribute='text') | join('') %}{% endif %}{% endfor %}"
-)
-CHAT_TEMPLATES = {
-    "vicuna_v1": (
-        "{{ bos_token }}{% set ns = namespace(system=" + json.dumps(VICUNA_SYSTEM) + ") %}" + _SYSTEM
-        + "{{ ns.system }} {% for m in messages %}{% if m['role'] == 'user' %}USER: " + _CONTENT
-        + " {% elif m['role'] == 'assistant' %}ASSISTANT: " + _CONTENT + "{{ eos_token }}{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-    ),
-    "mistral_instruct": (
-        "{{ bos_token }}{% set ns = namespace(system='', first=true) %}" + _SYSTEM
-        + "{% for m in messages %}{% if m['role'] == 'user' %}[INST] {% if ns.first and ns.system %}"
-        "<<SYS>>\n{{ ns.system }}\n<</SYS>>\n\n{% endif %}{% set ns.first = false %}" + _CONTENT
-        + " [/INST]{% elif m['role'] == 'assistant' %} " + _CONTENT + " {{ eos_token }}{% endif %}{% endfor %}"
-    ),
-}
-
 
 def image_processor_kwargs(preprocessor: dict, image_size: int, pad: bool) -> dict:
     """LlavaImageProcessor settings from a CLIP preprocessor_config.json (older files give sizes as ints)."""
@@ -152,7 +123,7 @@ def build_processor(source: Source, tokenizer, vision_cfg, image_kwargs: dict, s
         patch_size=vision_cfg.patch_size,
         vision_feature_select_strategy=strategy,
         num_additional_image_tokens=1,  # CLIP's CLS token
-        chat_template=CHAT_TEMPLATES[source.template],
+        chat_template=get_template(source.template).jinja,
     )
 
 
