@@ -14,9 +14,8 @@ from bisect import bisect_right
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
-from medllava.io import DataError
+from medllava.io import DataError, read_yaml_mapping
 
 LABELS = ("chest_xray", "ct_scan", "mri", "histology", "gross", "other")
 MODALITIES = LABELS[:-1]
@@ -56,12 +55,7 @@ def load_rules(extra: list[str | Path] = ()) -> Rules:
 
 
 def _merge(rules: Rules, path: Path) -> None:
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise DataError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(doc, dict):
-        raise DataError(f"{path}: expected a mapping with 'labels', 'negation', 'mention_weight'")
+    doc = read_yaml_mapping(path, "'labels', 'negation', 'mention_weight'")
     for label, cues in (doc.get("labels") or {}).items():
         if label not in LABELS:
             raise DataError(f"{path}: labels.{label}: unknown label (expected one of {', '.join(LABELS)})")

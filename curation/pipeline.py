@@ -17,9 +17,8 @@ import argparse
 import json
 from pathlib import Path
 
-import yaml
 
-from medllava.io import DataError, atomic_write_json, atomic_write_text
+from medllava.io import DataError, atomic_write_json, atomic_write_text, read_yaml_mapping
 from medllava.locks import output_lock
 
 from medllava.curation import align, classify, dedupe, extract
@@ -37,11 +36,8 @@ PATH_OPTIONS = {"jats", "pmc15m", "llava_med", "images_out", "image_root", "benc
 
 
 def load_config(path: Path) -> dict:
-    try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise DataError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(config, dict) or "out_dir" not in config or "extract" not in config:
+    config = read_yaml_mapping(path, "at least 'out_dir' and 'extract'")
+    if "out_dir" not in config or "extract" not in config:
         raise DataError(f"{path}: expected a mapping with at least 'out_dir' and 'extract'")
     unknown = set(config) - {"out_dir"} - {s for s, _, _ in STEPS}
     if unknown:

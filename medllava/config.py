@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from medllava.io import atomic_write_text
+from medllava.io import atomic_write_text, read_yaml_mapping
 
 
 class ConfigError(ValueError):
@@ -209,12 +209,7 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     data: dict = {}
     if path is not None:
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML ({e})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
+        data = read_yaml_mapping(path, error=ConfigError)
     data = apply_overrides(data, overrides or [])
     try:
         return from_dict(cls, data)

@@ -25,6 +25,23 @@ class DataError(ValueError):
     """Bad input data; the message names the file and the line or record."""
 
 
+def read_yaml_mapping(path: Path, expected: str = "", error: type[ValueError] = DataError) -> dict:
+    """The mapping at the top of the YAML file `path` ({} for an empty file), read safely (no Python
+    objects are ever built); anything else raises `error` naming the file, with `expected` saying
+    what the mapping should hold."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise error(f"{path}: invalid YAML ({e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise error(f"{path}: the top level must be a mapping{' with ' + expected if expected else ''}")
+    return data
+
+
 def _make_temp(path: Path, create: Callable[[str], Any]) -> tuple[Any, str]:
     """Create a new temporary beside `path` with `create(name)` (which must fail if the name exists).
 
