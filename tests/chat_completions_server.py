@@ -27,6 +27,14 @@ class Reply:
     """Close the listening socket before answering, so later connections are refused."""
 
 
+def use_loopback(monkeypatch, key_env: str, key: str) -> None:
+    """Put the API `key` in the variable `key_env` and keep any proxy the environment names away from
+    the loopback server."""
+    monkeypatch.setenv(key_env, key)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(name, "127.0.0.1,localhost")
+
+
 def completion(text: str, prompt_tokens: int = 10, completion_tokens: int = 5) -> dict:
     """A well-formed chat-completions reply body."""
     return {"id": "chatcmpl-test", "object": "chat.completion", "model": "teacher",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from chat_completions_server import ChatServer, Reply, completion
+from chat_completions_server import ChatServer, Reply, completion, use_loopback
 from medllava.curation import teacher_messages as P
 from medllava.curation.instruct import InstructOptions, select_figures
 from medllava.curation.instruct_parse import clean_pairs, parse_caption_qa, parse_dialogue, to_record
@@ -31,9 +31,7 @@ KEY = "sk-instruct-test-key-7f3a9"
 
 @pytest.fixture(autouse=True)
 def env(monkeypatch):
-    monkeypatch.setenv("TEACHER_KEY", KEY)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    use_loopback(monkeypatch, "TEACHER_KEY", KEY)
 
 
 # ---- parsing and cleaning -------------------------------------------------------------------

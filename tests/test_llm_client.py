@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from chat_completions_server import ChatServer, Reply, completion
+from chat_completions_server import ChatServer, Reply, completion, use_loopback
 from medllava.llm_client import (
     ChatClient,
     ChatRequest,
@@ -23,9 +23,7 @@ KEY = "sk-test-5ecret-do-not-leak-0123456789"
 
 @pytest.fixture(autouse=True)
 def api_key(monkeypatch):
-    monkeypatch.setenv("TEACHER_KEY", KEY)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    use_loopback(monkeypatch, "TEACHER_KEY", KEY)
 
 
 def config(server: ChatServer, **kw) -> ClientConfig:
