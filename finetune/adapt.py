@@ -14,10 +14,11 @@ import contextlib
 import dataclasses
 from pathlib import Path
 
-from medllava.finetune.config import AdaptConfig
+from medllava.finetune.config import CURRICULUM, AdaptConfig, stage_definition
 from medllava.config import add_config_help, claim_run_dir, load_config
+from medllava.model import ModelConfig
 
-STAGES = ("align", "instruct")
+STAGES = CURRICULUM
 
 
 def register(subparsers) -> None:
@@ -64,7 +65,7 @@ def run_dir_lock(run_dir: Path, command: str, main_process: bool):
 
 def _run_locked(cfg: AdaptConfig, stages: list[str], command: str, run_dir: Path) -> dict[str, dict]:
     """The rest of `run_adapt`, while the main process holds the run folder's lock."""
-    from medllava.finetune.stages import RunSettings, describe_train_loss, run_stage
+    from medllava.finetune.stages import RunSettings, run_stage
     from medllava.finetune.trainer import is_main_process
 
     claim_run_dir(run_dir, cfg, command or "medllava adapt", f"medllava adapt --config {run_dir / 'config.yaml'}",
@@ -72,22 +73,36 @@ def _run_locked(cfg: AdaptConfig, stages: list[str], command: str, run_dir: Path
     settings = RunSettings(seed=cfg.seed, bf16=cfg.bf16, deepspeed=cfg.deepspeed, report_to=tuple(cfg.report_to))
     records = {}
     for name in stages:
-        start = cfg.model
-        if name == "instruct":
-            aligned = run_dir / "align" / "model"
-            if aligned.is_dir():
-                start = dataclasses.replace(cfg.model, name_or_path=str(aligned))
-            elif is_main_process():
-                print(f"[instruct] no stage-1 model in {aligned}; starting from {cfg.model.name_or_path}", flush=True)
+        start = start_model(cfg, name, run_dir)
         records[name] = run_stage(name, getattr(cfg, name), start, settings, run_dir / name)
         if is_main_process():
-            r = records[name]
-            skipped = ", ".join(f"{k}: {v}" for k, v in r["skipped_in_batches"].items()) or "none"
-            print(
-                f"[{name}] done: {r['steps']} steps, {describe_train_loss(r)}; skipped while training: {skipped};"
-                f" output in {run_dir / name}",
-                flush=True,
-            )
-            for example in r["skipped_examples"][:5]:
-                print(f"  skipped {example}", flush=True)
+            print_stage_done(name, records[name], run_dir / name)
     return records
+
+
+def start_model(cfg: AdaptConfig, name: str, run_dir: Path) -> ModelConfig:
+    """The model stage `name` starts from: the model its `starts_from` stage saved, when there is one
+    (STAGE_DEFINITIONS), else the run's model."""
+    from medllava.finetune.trainer import is_main_process
+
+    previous = stage_definition(name).starts_from
+    if not previous:
+        return cfg.model
+    saved = run_dir / previous / "model"
+    if saved.is_dir():
+        return dataclasses.replace(cfg.model, name_or_path=str(saved))
+    if is_main_process():
+        print(f"[{name}] no stage-{STAGES.index(previous) + 1} model in {saved}; starting from"
+              f" {cfg.model.name_or_path}", flush=True)
+    return cfg.model
+
+
+def print_stage_done(name: str, record: dict, stage_dir: Path) -> None:
+    """The lines a finished stage prints: steps, loss, what was skipped while training, where it wrote."""
+    from medllava.finetune.stages import describe_train_loss
+
+    skipped = ", ".join(f"{k}: {v}" for k, v in record["skipped_in_batches"].items()) or "none"
+    print(f"[{name}] done: {record['steps']} steps, {describe_train_loss(record)}; skipped while training: {skipped};"
+          f" output in {stage_dir}", flush=True)
+    for example in record["skipped_examples"][:5]:
+        print(f"  skipped {example}", flush=True)

@@ -4,6 +4,11 @@ comments of the `config.yaml` written into every run directory.
 Defaults are LLaVA-Med's recipe: stage 1 trains the projector only (lr 2e-3, 1 epoch, global batch
 128, 3% warmup, cosine, no weight decay); stage 2 trains projector + language model (lr 2e-5,
 3 epochs, global batch 128); max length 2048; bf16.
+
+Two tables say how stages differ. `StageConfig` holds what a YAML config sets (data, schedule, LoRA,
+speed options); `STAGE_DEFINITIONS` holds what medllava fixes for each stage name (what it trains by
+default, which stage's model it starts from, what it saves besides its model). Stage code reads both and
+never branches on a stage's name.
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from medllava.model import ModelConfig
+from medllava.model import TRAINABLE, ModelConfig
+from medllava.templates import DEFAULT_TEMPLATE
 
 LLM_LINEAR_LAYERS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -24,8 +30,8 @@ class DataConfig:
     image_root: str = ""
     """Folder the records' image paths are relative to."""
 
-    template: str = "vicuna_v1"
-    """Conversation template: vicuna_v1, mistral_instruct, plain or chat_template."""
+    template: str = DEFAULT_TEMPLATE
+    """Conversation template (medllava.templates.TEMPLATES): vicuna_v1, mistral_instruct, plain or chat_template."""
 
     max_length: int = 2048
     """Token limit per example; longer examples are cut after the first reply, or skipped."""
@@ -66,7 +72,7 @@ class StageConfig:
 
     train_modules: list[str] = field(default_factory=list)
     """Modules to train (vision_tower, multi_modal_projector, language_model, lm_head); empty = the stage's
-    entry in medllava.model.TRAINABLE."""
+    entry in STAGE_DEFINITIONS (medllava.model.TRAINABLE)."""
 
     learning_rate: float = 2e-5
     """Peak learning rate."""
@@ -137,11 +143,40 @@ class StageConfig:
     """Compile each decoder layer of the language model on its own (torch.compile with dynamic shapes: one
     compiled layer serves every layer and length). Fuses small kernels and keeps fewer activations: on an
     H100, packed under flex attention, stage 1 ran 2.43x the plain way (1.85x uncompiled) and LoRA 2.56x
-    (1.71x), and twice the examples per pass fit (README, Benchmarks). Not with torch_compile. Checked
+    (1.71x), and twice the examples per pass fit (docs/benchmarks.md). Not with torch_compile. Checked
     after the first step as torch_compile is: `true` stops a stage whose layers ran eager, `auto` warns."""
 
     lora: LoraConfig = field(default_factory=LoraConfig)
     """Low-rank adapters (LoRA / QLoRA) instead of full training of the language model."""
+
+
+@dataclass(frozen=True)
+class StageDefinition:
+    """What a stage is, besides its settings: fixed by medllava for each stage name, not set in a config."""
+
+    trains: tuple[str, ...]
+    """Modules trained when the stage's `train_modules` is empty."""
+
+    starts_from: str = ""
+    """The stage whose saved `model/` this stage starts from when that folder exists; empty: the run's model."""
+
+    saves_projector: bool = False
+    """Also write `projector.safetensors`, the projector alone, when the stage trains without LoRA."""
+
+
+STAGE_DEFINITIONS: dict[str, StageDefinition] = {
+    "align": StageDefinition(trains=TRAINABLE["align"], saves_projector=True),
+    "instruct": StageDefinition(trains=TRAINABLE["instruct"], starts_from="align"),
+    "finetune": StageDefinition(trains=TRAINABLE["finetune"]),
+}
+
+CURRICULUM: tuple[str, ...] = ("align", "instruct")
+"""The stages `medllava adapt` runs, in order; each is a StageConfig field of AdaptConfig."""
+
+
+def stage_definition(name: str) -> StageDefinition:
+    """The table entry of stage `name`; a stage outside the table trains only what its config names."""
+    return STAGE_DEFINITIONS.get(name, StageDefinition(trains=()))
 
 
 def _align_defaults() -> StageConfig:
@@ -178,3 +213,13 @@ class AdaptConfig:
 
     instruct: StageConfig = field(default_factory=StageConfig)
     """Stage 2: instruction tuning on teacher-written conversations."""
+
+
+@dataclass
+class RunSettings:
+    """Run-wide settings a stage needs besides its own config."""
+
+    seed: int = 42
+    bf16: bool = True
+    deepspeed: str | None = None
+    report_to: tuple[str, ...] = ("tensorboard",)

@@ -35,10 +35,18 @@ from medllava.config import ConfigError, add_config_help, claim_run_dir, load_co
 from medllava.model import ModelConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs" / "heads"
-# Shipped configs by task name.
-TASK_CONFIGS = {
-    "vqa-rad": "vqa_rad.yaml", "slake": "slake.yaml", "pathvqa": "pathvqa.yaml", "inhouse": "inhouse_example.yaml",
-}
+
+
+def shipped_task_configs() -> dict[str, Path]:
+    """The shipped head configs (configs/heads/*.yaml) by the task each trains (its `task.name`): a config
+    dropped in that folder is what `--task NAME` uses."""
+    from medllava.io import read_yaml_mapping
+
+    configs: dict[str, Path] = {}
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        task = read_yaml_mapping(path).get("task") or {}
+        configs.setdefault(task.get("name", TaskSource.name), path)
+    return configs
 
 
 @dataclass
@@ -128,7 +136,7 @@ def register(subparsers) -> None:
         description=__doc__.split("\n\n")[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--task", help=f"{', '.join(TASK_CONFIGS)} (a shipped config) or a config YAML file")
+    p.add_argument("--task", help=f"{', '.join(shipped_task_configs())} (a shipped config) or a config YAML file")
     p.add_argument("--base", help="base checkpoint folder (sets base.name_or_path)")
     p.add_argument("--root", help="dataset folder (sets task.root)")
     p.add_argument("rest", nargs=argparse.REMAINDER, metavar="key=value",
@@ -147,7 +155,7 @@ def main(args: argparse.Namespace) -> int:
     if stray:
         raise ValueError(f"unexpected argument {stray[0]!r}: options go before the key=value overrides")
     if not args.task:
-        raise ValueError(f"--task is required: {', '.join(TASK_CONFIGS)} or a config YAML file")
+        raise ValueError(f"--task is required: {', '.join(shipped_task_configs())} or a config YAML file")
     path = task_config_path(args.task)
     overrides = [*([f"base.name_or_path={args.base}"] if args.base else []),
                  *([f"task.root={args.root}"] if args.root else []), *args.rest]
@@ -161,11 +169,12 @@ def main(args: argparse.Namespace) -> int:
 
 def task_config_path(task: str) -> Path:
     """The shipped config of a task name, or the YAML file `task` names."""
-    if task in TASK_CONFIGS:
-        return CONFIG_DIR / TASK_CONFIGS[task]
+    shipped = shipped_task_configs()
+    if task in shipped:
+        return shipped[task]
     path = Path(task)
     if not path.is_file():
-        raise FileNotFoundError(f"--task {task}: neither a task ({', '.join(TASK_CONFIGS)}) nor a config file")
+        raise FileNotFoundError(f"--task {task}: neither a task ({', '.join(shipped)}) nor a config file")
     return path
 
 

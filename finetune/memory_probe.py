@@ -17,6 +17,10 @@ from __future__ import annotations
 
 import gc
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from medllava.finetune.config import StageConfig
 
 HEADROOM = 0.9
 """Share of the usable device memory the probe's peak plus the optimizer's states may take; the rest is
@@ -125,6 +129,20 @@ def _any_rank(flag: bool, device) -> bool:
     on = torch.tensor([int(flag)], device=device if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(on, op=dist.ReduceOp.MAX)
     return bool(on.item())
+
+
+def probe_stage(model, processor, dataset, lengths: list[int], stage: StageConfig, args) -> ProbeResult:
+    """`probe` with the collator, loss and autocast a stage configured by `stage` and `args`
+    (TrainingArguments) trains with."""
+    import torch
+
+    from medllava.data import Collator
+    from medllava.loss import supervised_loss
+
+    collator = Collator(processor.tokenizer.pad_token_id, pack=stage.packing, sparse_logits=stage.sparse_logits)
+    autocast = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+    return probe(model, dataset, collator, lengths, stage.per_device_batch_size,
+                 loss_func=supervised_loss if stage.sparse_logits else None, autocast_dtype=autocast, device=args.device)
 
 
 def describe(result: ProbeResult) -> str:

@@ -2,13 +2,14 @@
 Trainer's internals.
 
 Most of what a stage adds goes through the Trainer's public extension points: callbacks
-(medllava.finetune.trainer's `Bookkeeping`), `compute_loss` (example ids, skipped examples, the vision cache),
+(`Bookkeeping` below), `compute_loss` (example ids, skipped examples, the vision cache),
 `log` (`data_wait`) and `save_model` (what a checkpoint holds). Four things have no public hook, and
 `PRIVATE_OVERRIDES` lists them with the parameters medllava's overrides expect:
 
 - `_load_from_checkpoint`, `_load_best_model`: load a checkpoint's trained weights exactly (the Trainer's
   own loading goes through `load_state_dict(strict=False)`, which loaded nothing when names differed);
-- `_get_train_sampler`: the length-grouped order seeded per epoch, replayed on resume;
+- `_get_train_sampler`: the length-grouped order seeded per epoch, replayed on resume
+  (`LengthGroupedEpochSampler`);
 - `get_batch_samples`: public by name, but an internal step of the training loop; it times the wait for data.
 
 `check_trainer_internals` compares that table with the installed Trainer (each method present, its
@@ -25,10 +26,12 @@ import inspect
 import time
 from pathlib import Path
 
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
-from medllava.finetune.trainer import (TRAINED_WEIGHTS, InputWait, StepTrace, length_grouped_sampler, load_trained_state,
-                              save_trained_state)
+from medllava.finetune.trainer import (COMPLETE_MARKER, TRAINED_WEIGHTS, InputWait, StepTrace, is_main_process,
+                                       load_trained_state, save_trained_state)
+from medllava.io import atomic_write_json
 
 # method -> the parameters (after self) the override below takes and passes on.
 PRIVATE_OVERRIDES: dict[str, tuple[str, ...]] = {
@@ -119,16 +122,22 @@ class StageTrainer(Trainer):
             save_trained_state(self.accelerator.unwrap_model(self.model, keep_torch_compile=False), output_dir)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        ids, skipped = inputs.pop("example_ids"), inputs.pop("skipped")
-        image_keys = inputs.pop("image_keys", None)
-        if model.training:  # evaluation batches are not part of the data order
-            self.trace.add(ids, skipped)
+        image_keys = self._take_bookkeeping(model, inputs)
         if inputs["input_ids"].numel() == 0:
             # Every example of this micro-batch was skipped: a zero loss keeps all ranks in step.
             zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
             return (zero, {}) if return_outputs else zero
         with self.vision_cache.batch(image_keys) if self.vision_cache else contextlib.nullcontext():
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _take_bookkeeping(self, model, inputs: dict) -> list | None:
+        """Remove the collator's bookkeeping keys from `inputs`, record the training batch's example ids and
+        skips in the trace; returns the batch's image keys for the vision cache (None without it)."""
+        ids, skipped = inputs.pop("example_ids"), inputs.pop("skipped")
+        image_keys = inputs.pop("image_keys", None)
+        if model.training:  # evaluation batches are not part of the data order
+            self.trace.add(ids, skipped)
+        return image_keys
 
     def log(self, logs, *args, **kwargs):
         if self.input_wait is not None and "loss" in logs:  # training logs; evaluation logs carry eval_loss
@@ -165,7 +174,7 @@ class StageTrainer(Trainer):
             return super()._get_train_sampler(train_dataset)
         a = self.args
         group = a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size
-        return length_grouped_sampler(self.lengths, group, a.data_seed if a.data_seed is not None else a.seed)
+        return LengthGroupedEpochSampler(self.lengths, group, a.data_seed if a.data_seed is not None else a.seed)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         start = time.perf_counter()
@@ -174,6 +183,55 @@ class StageTrainer(Trainer):
         finally:
             if self.input_wait is not None:
                 self.input_wait.add(start, time.perf_counter())
+
+
+class Bookkeeping(TrainerCallback):
+    """Public Trainer hooks of a stage: write each step's trace, check compilation after the first step,
+    stop the input-wait clock at the end, and mark every checkpoint complete once its save has returned."""
+
+    def __init__(self, trace: StepTrace, input_wait: InputWait | None = None, compile_watch=None):
+        self.trace, self.input_wait, self.compile_watch = trace, input_wait, compile_watch
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trace.flush(state.global_step)
+        self._check_compilation(state.global_step)
+
+    def _check_compilation(self, step: int) -> None:
+        """Once, after the first step: did the compiled model run compiled (medllava.finetune.compilation)."""
+        watch = self.compile_watch
+        if watch is None or watch.report.compiled is not None:
+            return
+        report = watch.check(step)
+        if report.message and is_main_process():
+            print(f"[{watch.stage}] warning: {report.message}", flush=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.input_wait is not None:
+            self.input_wait.finish()
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            atomic_write_json(ckpt / COMPLETE_MARKER, {"global_step": state.global_step})
+
+
+class LengthGroupedEpochSampler(LengthGroupedSampler):
+    """transformers' length grouping with its shuffle seeded by `seed` plus the epoch the Trainer sets
+    (medllava.finetune.trainer.length_grouped_sampler)."""
+
+    def __init__(self, lengths: list[int], group_size: int, seed: int):
+        super().__init__(group_size, lengths=lengths)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        import torch
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
 
 def _is_peft(model) -> bool:

@@ -1,8 +1,8 @@
 """The one training wrapper every stage and task head uses: `transformers.Trainer` + PEFT + DeepSpeed.
 
 `training_arguments` turns a StageConfig into TrainingArguments and `build_trainer` makes a Trainer
-(medllava.finetune.stage_trainer.StageTrainer, the one file that relies on the Trainer's internals) whose only
-addition is bookkeeping: each batch carries the ids of its examples and of the examples that were
+(medllava.finetune.stage_trainer.StageTrainer, the one file that relies on the Trainer's internals, with its
+`Bookkeeping` callback) whose only addition is bookkeeping: each batch carries the ids of its examples and of the examples that were
 skipped (missing or unreadable images, too long); the trainer strips them before the forward pass, records
 which examples every optimizer step saw (`data_order.jsonl`, written by rank 0 with every rank's
 shard), and counts what was skipped. Checkpoints get a completion marker once the Trainer's save
@@ -34,7 +34,7 @@ from collections import Counter
 from pathlib import Path
 
 from medllava.finetune.config import StageConfig
-from medllava.io import JsonlLog, atomic_write_json
+from medllava.io import JsonlLog
 
 log = logging.getLogger(__name__)
 
@@ -133,22 +133,31 @@ class StepTrace:
 
     def flush(self, step: int) -> None:
         """Write the step's ids and skips from every rank (gathered to rank 0), then start the next step."""
-        shards = [(self.ids, self.skips)]
+        shards = self._gather()
+        if is_main_process():
+            self._write(step, shards)
+        self.ids, self.skips = [], []
+
+    def _gather(self) -> list[tuple[list[str], list[tuple[str, str]]]]:
+        """(ids, skips) of this step from every rank, in rank order; this rank's alone when not distributed."""
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
-            shards = [None] * dist.get_world_size()
-            dist.all_gather_object(shards, (self.ids, self.skips))
-        if is_main_process():
-            ids = [shard_ids for shard_ids, _ in shards]
-            with JsonlLog(self.path) as trace:
-                trace.append({"step": step, "ids": ids[0] if len(ids) == 1 else ids})
-            skipped = [skip for _, shard_skips in shards for skip in shard_skips]
-            if skipped:
-                with JsonlLog(self.skipped_path) as log_file:
-                    for reason, detail in skipped:
-                        log_file.append({"step": step, "reason": reason, "detail": detail})
-        self.ids, self.skips = [], []
+        if not (dist.is_available() and dist.is_initialized()):
+            return [(self.ids, self.skips)]
+        shards = [None] * dist.get_world_size()
+        dist.all_gather_object(shards, (self.ids, self.skips))
+        return shards
+
+    def _write(self, step: int, shards: list[tuple[list[str], list[tuple[str, str]]]]) -> None:
+        """Append the step's line to data_order.jsonl and its skips, if any, to skipped.jsonl."""
+        ids = [shard_ids for shard_ids, _ in shards]
+        with JsonlLog(self.path) as trace:
+            trace.append({"step": step, "ids": ids[0] if len(ids) == 1 else ids})
+        skipped = [skip for _, shard_skips in shards for skip in shard_skips]
+        if skipped:
+            with JsonlLog(self.skipped_path) as log_file:
+                for reason, detail in skipped:
+                    log_file.append({"step": step, "reason": reason, "detail": detail})
 
     def summary(self) -> tuple[Counter, list[str]]:
         """Skip counts by reason and the first few skipped examples, over the whole stage (a step
@@ -286,28 +295,15 @@ def length_grouped_sampler(lengths: list[int], group_size: int, seed: int):
     that each `group_size` slice holds examples of similar length (transformers' own grouping). The
     shuffle is seeded by `seed` and the epoch, which the Trainer sets: every example once per epoch,
     a new order each epoch, and the same order again when a run resumes mid-epoch."""
-    import torch
-    from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+    from medllava.finetune.stage_trainer import LengthGroupedEpochSampler
 
-    class LengthGroupedEpochSampler(LengthGroupedSampler):
-        def __init__(self):
-            super().__init__(group_size, lengths=lengths)
-            self.epoch = 0
-
-        def set_epoch(self, epoch: int) -> None:
-            self.epoch = epoch
-
-        def __iter__(self):
-            generator = torch.Generator().manual_seed(seed + self.epoch)
-            return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
-
-    return LengthGroupedEpochSampler()
+    return LengthGroupedEpochSampler(lengths, group_size, seed)
 
 
 def build_trainer(model, processor, train_dataset, collator, args, out_dir: Path, eval_dataset=None, loss_func=None,
                   lengths: list[int] | None = None, vision_cache=None, input_wait: InputWait | None = None,
                   compile_watch=None):
-    """A Trainer for one stage with `args` from `training_arguments`.
+    """A Trainer for one stage with `args` from `training_arguments`, and the StepTrace it writes.
 
     With `eval_dataset`, the validation loss is computed at every save (`save_steps`) and the best
     checkpoint by that loss is restored when training ends. `loss_func` replaces the model's own loss
@@ -316,29 +312,9 @@ def build_trainer(model, processor, train_dataset, collator, args, out_dir: Path
     `image_keys`) answers the vision tower from its cache. `input_wait` times every fetch of batches.
     `compile_watch` (medllava.finetune.compilation) checks after the first step that the compiled model ran compiled.
     """
-    from transformers import TrainerCallback
-
-    from medllava.finetune.stage_trainer import StageTrainer
+    from medllava.finetune.stage_trainer import Bookkeeping, StageTrainer
 
     trace = StepTrace(out_dir / "data_order.jsonl")
-
-    class Bookkeeping(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            trace.flush(state.global_step)
-            if compile_watch is not None and compile_watch.report.compiled is None:
-                report = compile_watch.check(state.global_step)
-                if report.message and is_main_process():
-                    print(f"[{compile_watch.stage}] warning: {report.message}", flush=True)
-
-        def on_train_end(self, args, state, control, **kwargs):
-            if input_wait is not None:
-                input_wait.finish()
-
-        def on_save(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
-                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                atomic_write_json(ckpt / COMPLETE_MARKER, {"global_step": state.global_step})
-
     trainer = StageTrainer(
         model=model,
         args=args,
@@ -347,7 +323,7 @@ def build_trainer(model, processor, train_dataset, collator, args, out_dir: Path
         data_collator=collator,
         processing_class=processor,
         compute_loss_func=loss_func,
-        callbacks=[Bookkeeping()],
+        callbacks=[Bookkeeping(trace, input_wait, compile_watch)],
         trace=trace, input_wait=input_wait, vision_cache=vision_cache, lengths=lengths,
     )
     return trainer, trace

@@ -159,3 +159,16 @@ class VisionFeatureCache:
         """Counts for the stage record."""
         return {"mode": "disk" if self.folder else "memory", "images_computed": self.computed,
                 "images_served": self.served, **({"folder": str(self.folder)} if self.folder else {})}
+
+
+def attach_stage_cache(stage_name: str, where: str, model, out_dir: Path, n_examples: int) -> VisionFeatureCache:
+    """A cache attached to `model` for stage `stage_name`, in host memory (`where`=memory) or under
+    `out_dir/vision_features` (`where`=disk); the main process prints its size per image and at most."""
+    from medllava.finetune.trainer import is_main_process
+
+    cache = VisionFeatureCache(model, out_dir / "vision_features" if where == "disk" else None).attach()
+    if is_main_process():
+        size = cache.bytes_per_image()
+        print(f"[{stage_name}] caching vision features in {cache.folder or 'host memory'}: {size / 2**20:.3g} MiB per"
+              f" image, at most {size * n_examples / 2**30:.3g} GiB for {n_examples} examples", flush=True)
+    return cache

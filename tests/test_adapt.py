@@ -304,6 +304,13 @@ def test_flex_attention_without_a_gpu_is_refused_before_any_training(tmp_path):
     assert not (tmp_path / "run" / "align" / "checkpoints").exists()
 
 
+def test_a_template_the_registry_does_not_know_is_refused_before_any_training(tmp_path):
+    cfg = from_dict(AdaptConfig, config(tmp_path / "run", instruct=stage(data={"path": str(DATA), "template": "vicuna"})))
+    with pytest.raises(ValueError, match="stage instruct: data.template: unknown template 'vicuna'; choose one of"):
+        run_adapt(cfg, ["instruct"])
+    assert not (tmp_path / "run" / "instruct" / "checkpoints").exists()
+
+
 def test_qlora_quantises_the_language_model_and_nothing_of_the_vision_side():
     # transformers' own matcher, on every linear layer of the model: the skip list decides what goes to 4-bit.
     from transformers.quantizers.quantizers_utils import should_convert_module

@@ -238,6 +238,7 @@ def test_a_rerun_resumes_and_another_config_in_the_same_folder_is_refused(traine
 
 @pytest.mark.parametrize("path", sorted((REPO / "finetune" / "configs" / "heads").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_finetune_config_loads(path):
+    from medllava.config import load_config
     from medllava.eval.tasks import TASKS
 
     assert path.read_text().splitlines()[0].startswith(f"# medllava finetune --task finetune/configs/heads/{path.name}")
@@ -338,3 +339,14 @@ def test_closed_answers_are_spelled_as_the_options():
     assert [reply(a, CLOSED, options) for a in ("Yes", "YES ", "no", "No")] == ["yes", "yes", "no", "no"]
     assert reply("Left", CLOSED, options) == "Left"  # not an option: kept as it is
     assert reply("Yes", OPEN, options) == "Yes"  # open answers are never rewritten
+
+
+def test_every_benchmark_task_has_a_shipped_head_config_found_by_its_task_name():
+    from medllava.config import load_config
+    from medllava.eval.tasks import TASKS
+
+    configs = heads.shipped_task_configs()
+    assert set(configs) == set(TASKS)
+    for name, path in configs.items():
+        assert heads.task_config_path(name) == path
+        assert load_config(FinetuneConfig, path).task.name == name

@@ -286,7 +286,7 @@ def test_a_record_whose_image_leaves_the_root_is_skipped_with_its_id_and_reason(
 @pytest.mark.parametrize("exclude", [True, False])
 def test_a_training_stage_skips_burned_in_images_when_its_data_says_so(tmp_path, tiny, exclude):
     from medllava.finetune.config import StageConfig
-    from medllava.finetune.stages import prepare_dataset
+    from medllava.finetune.stage_data import prepare_dataset
     from medllava.config import from_dict
 
     crafted(tmp_path, name="burned.dcm", BurnedInAnnotation="YES")

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from medllava.finetune.config import StageConfig
-from medllava.finetune.stages import RunSettings, check_speed_options, run_stage
+from medllava.finetune.stage_checks import check_speed_options
+from medllava.finetune.stages import RunSettings, run_stage
 from medllava.finetune.trainer import optimizer_name, read_trace, training_arguments
 from medllava.finetune.vision_cache import VisionFeatureCache
 from medllava.tiny import demo_data

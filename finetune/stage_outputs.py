@@ -1,0 +1,62 @@
+"""What a finished stage saves (the layout is in `finetune.stages`' docstring): the model or LoRA
+adapter, the merged model, the projector alone; each written atomically, on every rank as ZeRO-3 needs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medllava.finetune.config import LoraConfig
+from medllava.finetune.trainer import is_main_process
+from medllava.model import save_model
+
+
+def save_outputs(trainer, processor, lora: LoraConfig, out_dir: Path, saves_projector: bool = False) -> None:
+    """Save what the stage produced (see the module docstring for the layout), each atomically: the model
+    or adapter, the merged model (`lora.merge`), and with `saves_projector` the projector alone.
+
+    Called on every rank: under ZeRO-3 the Trainer's save gathers the sharded weights, and only the
+    main process writes. Weights go to a staging folder first and are renamed into place whole.
+    """
+    target = save_trained(trainer, processor, lora, out_dir)
+    if lora.enabled and lora.merge and is_main_process():
+        save_model(trainer.model.merge_and_unload(), processor, out_dir / "model")
+    if saves_projector and not lora.enabled and is_main_process():
+        save_projector(target, out_dir / "projector.safetensors")
+
+
+
+def save_trained(trainer, processor, lora: LoraConfig, out_dir: Path) -> Path:
+    """Save the trained model (`model/`) or, with LoRA, the adapter (`adapter/`); returns that folder."""
+    from medllava.io import replace_dir
+
+    target = out_dir / ("adapter" if lora.enabled else "model")
+    staging = out_dir / f".{target.name}.staging"
+    trainer.save_final_model(str(staging))  # the model, or the PEFT adapter (+ modules to save)
+    if is_main_process():
+        if not lora.enabled:
+            processor.save_pretrained(staging)
+        replace_dir(staging, target)
+    barrier()
+    return target
+
+
+
+def save_projector(model_dir: Path, path: Path) -> None:
+    """Write the projector alone, read back from the saved (gathered) weights in `model_dir`."""
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    from medllava.io import atomic_open
+
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        projector = {k: f.get_tensor(k) for k in f.keys() if "multi_modal_projector" in k}
+    with atomic_open(path, "wb") as f:
+        f.write(save(projector))
+
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
