@@ -82,6 +82,7 @@ def parse_scores(reply: str) -> tuple[float, float] | None:
 
 
 def domain_of(flags) -> str:
+    """The first of DOMAINS that a question's `domain` flags set, else "unknown"."""
     if isinstance(flags, dict):
         for name in DOMAINS:
             if flags.get(name):
@@ -202,6 +203,7 @@ def summarize(reviews: list[dict]) -> dict:
 
 
 def register(subparsers) -> None:
+    """Add `chat-judge` to the `medllava eval` subcommands."""
     p = subparsers.add_parser(
         "chat-judge",
         help="LLaVA-Med chat benchmark: a judge model rates candidate answers against reference answers",
@@ -226,12 +228,14 @@ def register(subparsers) -> None:
 
 
 def _answers(path: Path) -> dict[str, str]:
+    """question id -> answer text, from a prediction file of either format."""
     from medllava.eval.predictions import read_predictions
 
     return {p.id: p.text for p in read_predictions(path).rows}
 
 
 def _requests(questions, candidates, references, counts):
+    """One judge request per question with both answers; the others are counted in `counts`."""
     from medllava.llm_client import ChatRequest
 
     for q in questions:
@@ -264,6 +268,7 @@ def judge(questions: list[ChatQuestion], candidates: dict[str, str], references:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Judge every question with both answers, write the summary and reviews, and print the scores."""
     from medllava.io import atomic_write_json, write_jsonl
     from medllava.llm_client import ChatClient, ClientConfig
 
@@ -323,4 +328,5 @@ def judged_summary(n_questions: int, reviews: list[dict], counts: dict[str, list
 
 
 def _num(value: float | None, digits: int = 2) -> str:
+    """A number with `digits` decimals, "n/a" for None."""
     return "n/a" if value is None else f"{value:.{digits}f}"

@@ -12,18 +12,24 @@ rows carry matches its question. Otherwise by position, as LLaVA-Med's scorer do
 (row i answers question i), but only when the counts agree and every row's prompt
 contains its question's text; if not, scoring is refused with the first disagreements.
 Task questions without a prediction are scored as empty answers and counted.
+
+`read_predictions` reads a file given to `eval score`, taking its format from what it finds.
+`PredictionLog` is `eval run`'s own predictions.jsonl: read once when opened (to resume), then
+held in memory as answers are appended, so scoring reads nothing back.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from medllava.io import DataError
+from medllava.io import DataError, JsonlLog, read_jsonl
 
 from medllava.eval.tasks.base import Example
-from medllava.eval.tasks.formats import ERROR_KEY, json_records
+from medllava.eval.tasks.formats import ERROR_KEY, error_record, json_records
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +39,8 @@ _SHOWN = 3  # disagreements quoted in an error message
 
 @dataclass(frozen=True)
 class Prediction:
+    """One usable prediction row: the question id it names, its answer text and where it was read."""
+
     id: str
     text: str
     prompt: str | None
@@ -41,6 +49,8 @@ class Prediction:
 
 @dataclass
 class PredictionFile:
+    """The usable rows of a prediction file in file order, and the messages of the rows skipped."""
+
     path: Path
     format: str
     rows: list[Prediction]
@@ -58,6 +68,7 @@ class Pairing:
 
 
 def _row_format(row: dict) -> str | None:
+    """MEDLLAVA or LLAVA_MED by the keys a row carries, None for neither."""
     if "prediction" in row and "qid" in row:
         return MEDLLAVA
     if "text" in row and "question_id" in row:
@@ -66,6 +77,7 @@ def _row_format(row: dict) -> str | None:
 
 
 def _parse_row(row: dict, kind: str, where: str) -> Prediction:
+    """A row of format `kind` as a Prediction; DataError naming `where` when its id or text is unusable."""
     id_key, text_key = ("qid", "prediction") if kind == MEDLLAVA else ("question_id", "text")
     rid, text = row.get(id_key), row.get(text_key)
     if rid is None or isinstance(rid, (dict, list, bool)):
@@ -79,13 +91,22 @@ def _parse_row(row: dict, kind: str, where: str) -> Prediction:
 
 
 def read_predictions(path: str | Path) -> PredictionFile:
-    """Read a prediction file; bad rows are skipped and listed in `skipped`, not fatal."""
+    """Read a prediction file (JSON array or JSONL, either row format, sniffed); bad rows are skipped
+    and listed in `skipped`, not fatal."""
     path = Path(path)
-    kind: str | None = None
+    return parse_predictions(path, json_records(path))
+
+
+def parse_predictions(path: Path, records: Iterable[tuple[str, Any]], kind: str | None = None) -> PredictionFile:
+    """The predictions in `records` (`(where, row)` as `json_records` yields them) read from `path`.
+
+    The row format is `kind` when given (a file medllava wrote), else that of the first usable row;
+    rows of the other format, or unusable, are skipped and listed.
+    """
     rows: list[Prediction] = []
     skipped: list[str] = []
     seen: dict[str, str] = {}
-    for where, row in json_records(path):
+    for where, row in records:
         try:
             if isinstance(row, dict) and ERROR_KEY in row:
                 raise DataError(row[ERROR_KEY])
@@ -113,7 +134,67 @@ def read_predictions(path: str | Path) -> PredictionFile:
     return PredictionFile(path, kind, rows, skipped)
 
 
+class PredictionLog:
+    """`eval run`'s predictions.jsonl, read from disk once: when opened, to resume.
+
+    Every row appended goes through a `JsonlLog` (written whole, flushed and synced, so a killed run
+    resumes where it stopped) and is kept, so `predictions()` needs no second read. `unreadable` lists
+    the lines that were not JSON objects; their questions count as unanswered.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self._log = JsonlLog(path)  # first: it cuts off a half-written last line left by a kill
+        self.path = self._log.path
+        self.unreadable: list[str] = []
+        self._records: list[tuple[str, Any]] = []
+        self._answered: set[str] = set()
+        self._lines = 0
+        errors: list[str] = []
+        for lineno, row in read_jsonl(self.path, skip_bad=True, errors=errors):
+            self._hold_errors(errors)
+            self._hold(lineno, row)
+        self._hold_errors(errors)
+
+    def _hold(self, lineno: int, row: dict) -> None:
+        """Keep `row`, read from (or written as) line `lineno`."""
+        self._records.append((f"{self.path}:{lineno}", row))
+        self._answered.add(str(row.get("qid")))
+        self._lines = lineno
+
+    def _hold_errors(self, errors: list[str]) -> None:
+        """Move the unreadable lines met so far into place as error records (as `json_records` yields them)."""
+        for message in errors:
+            self.unreadable.append(message)
+            self._records.append(("", error_record(message)))
+            self._lines += 1
+        errors.clear()
+
+    def answered(self) -> set[str]:
+        """The qids of the rows held (any JSON object row): the questions not to ask again."""
+        return set(self._answered)
+
+    def append(self, row: dict) -> None:
+        """Write `row` as the file's next line (flushed and synced), and hold it."""
+        self._log.append(row)
+        self._hold(self._lines + 1, row)
+
+    def predictions(self) -> PredictionFile:
+        """The rows held, read as medllava predictions (bad rows skipped and listed, as `read_predictions` does)."""
+        return parse_predictions(self.path, self._records, MEDLLAVA)
+
+    def close(self) -> None:
+        """Close the file (held rows stay readable)."""
+        self._log.close()
+
+    def __enter__(self) -> "PredictionLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def _squash(text: str) -> str:
+    """Lower case, runs of whitespace as one space."""
     return " ".join(text.lower().split())
 
 
@@ -123,6 +204,7 @@ def question_matches(question: str, prompt: str) -> bool:
 
 
 def _disagreements(pairs: list[tuple[Example, Prediction]]) -> list[str]:
+    """One message per pair whose prompt does not contain its question (pairs without a prompt pass)."""
     return [f"{p.where}: prompt {p.prompt!r} does not contain question {ex.qid} {ex.question!r}"
             for ex, p in pairs if p.prompt is not None and not question_matches(ex.question, p.prompt)]
 
@@ -146,6 +228,7 @@ def pair_predictions(examples: list[Example], preds: PredictionFile) -> Pairing:
 
 
 def _pair_by_position(examples: list[Example], preds: PredictionFile, why: str) -> Pairing:
+    """Row i answers question i, when the counts agree and every prompt contains its question."""
     refuse = f"{preds.path}: cannot pair by id: {why}; pairing by position refused: "
     if len(preds.rows) != len(examples):
         raise DataError(refuse + f"{len(preds.rows)} predictions for {len(examples)} questions")

@@ -1,10 +1,11 @@
 """Readable reports from scoring results: a Markdown file with tables and PNG plots beside it
-(per-category bars, the closed-question confusion matrix).
+(per-category bars, the closed-question confusion matrix), and the headline lines printed to the
+console.
 
-`write_report(results, "out/report.md")` takes the dict built by `medllava.eval.scoring` (plus the
-run's own fields: task, split, predictions, pairing) and returns the paths it wrote. Plots
-are drawn on matplotlib's Agg canvas, so no display is needed. Every file is written
-atomically.
+`write_report(results, "out/report.md")` takes the metrics.json dict built by
+`medllava.eval.results` (an `eval run`'s settings and counts, under "run", become the report's last
+section) and returns the paths it wrote. The Markdown is rendered whole in memory and written once.
+Plots are drawn on matplotlib's Agg canvas, so no display is needed. Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -35,10 +36,12 @@ BAR_SERIES = (("strict_closed_accuracy", "closed, strict"), ("llava_med_closed_a
 
 
 def pct(value: float | None) -> str:
+    """A fraction as a percentage with two decimals, "n/a" for None."""
     return "n/a" if value is None else f"{100 * value:.2f}"
 
 
 def metric_cell(metric: dict | None) -> str:
+    """"value [lo, hi]" in percent for a {"value", "ci95"} metric, "n/a" when it has no value."""
     if not metric or metric.get("value") is None:
         return "n/a"
     ci = metric.get("ci95")
@@ -46,6 +49,7 @@ def metric_cell(metric: dict | None) -> str:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A Markdown table; "|" and newlines inside cells are escaped."""
     def cell(x) -> str:
         return str(x).replace("|", "\\|").replace("\n", " ")
 
@@ -55,10 +59,12 @@ def table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 
 def slug(text: str) -> str:
+    """`text` as a file-name part: lower case, runs of other characters as "_"."""
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "plot"
 
 
 def _headline(results: dict) -> str:
+    """The headline table: closed and open questions, strict beside LLaVA-Med-compatible."""
     s, m = results.get("strict", {}), results.get("llava_med", {})
     rows = [
         ("closed", results.get("n_closed", 0), metric_cell(s.get("closed_accuracy")), metric_cell(m.get("closed_accuracy"))),
@@ -69,6 +75,7 @@ def _headline(results: dict) -> str:
 
 
 def _family_table(family: dict, rows: Sequence[tuple[str, str]]) -> str:
+    """One row per metric of `rows` that the family has: label, value with interval, n."""
     body = []
     for key, label in rows:
         if key in family:
@@ -79,6 +86,7 @@ def _family_table(family: dict, rows: Sequence[tuple[str, str]]) -> str:
 
 
 def _breakdown_table(groups: dict) -> str:
+    """One row per category with its headline numbers."""
     rows = [(cat, g["n"], pct(g["strict_closed_accuracy"]), pct(g["strict_open_exact_match"]), pct(g["strict_open_f1"]),
              pct(g["llava_med_closed_accuracy"]), pct(g["llava_med_open_recall"])) for cat, g in groups.items()]
     return table(("category", "n", "closed strict", "open EM", "open F1", "closed LLaVA-Med", "open recall LLaVA-Med"), rows)
@@ -124,7 +132,20 @@ def render_markdown(results: dict, plots: dict[str, str] | None = None) -> str:
                 ""]
         if "confusion" in plots:
             out += [f"![confusion]({plots['confusion']})", ""]
+    if "run" in results:
+        out += ["## Run", "", table(("setting", "value"), [(k, _cell(v)) for k, v in results["run"].items()]), ""]
     return "\n".join(out)
+
+
+def _cell(value: object) -> str:
+    """A run setting as a table cell: lists joined, dicts counted, None as "-"."""
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    if isinstance(value, dict):
+        return str(len(value))
+    return str(value)
 
 
 def plot_breakdown(name: str, groups: dict, path: Path) -> None:
@@ -186,3 +207,15 @@ def write_report(results: dict, md_path: str | Path) -> list[Path]:
         written.append(path)
     atomic_write_text(md_path, render_markdown(results, plots))
     return [md_path, *written]
+
+
+def print_summary(results: dict) -> None:
+    """Print the headline numbers (strict and LLaVA-Med closed accuracy, open F1 and recall) with intervals."""
+    s, m = results["strict"], results["llava_med"]
+    for label, metric in (("strict closed accuracy", s.get("closed_accuracy")),
+                          ("strict open token F1", s.get("open_f1")),
+                          ("LLaVA-Med closed accuracy", m.get("closed_accuracy")),
+                          ("LLaVA-Med open recall", m.get("open_recall"))):
+        if metric and metric["value"] is not None:
+            ci = f" [{100 * metric['ci95'][0]:.2f}, {100 * metric['ci95'][1]:.2f}]" if metric["ci95"] else ""
+            print(f"{label}: {100 * metric['value']:.2f}{ci} (n={metric['n']})")

@@ -11,7 +11,12 @@ warning). Each output folder holds:
   run.json           the settings that decide the answers; a resumed run must match them
   predictions.jsonl  one row per answered question, appended as answers come, so a killed
                      run resumes where it stopped ({"qid", "prediction", "question", ...})
-  metrics.json, items.jsonl, report.md and its PNG plots, from `medllava.eval.scoring` / `medllava.eval.report`
+  metrics.json, items.jsonl, report.md and its PNG plots, from `medllava.eval.results` / `medllava.eval.report`
+
+A prediction goes one way: predictions.jsonl is read once, when the folder is opened
+(`medllava.eval.predictions.PredictionLog`, to resume); each new answer is appended to it and
+held in memory, and the held rows are what is scored. metrics.json is built whole by
+`medllava.eval.results.score_predictions`, and report.md rendered whole and written once.
 
 One run writes an output folder at a time: `--out` is locked (`medllava.locks.output_lock`) from
 before the model loads to the report, and a second run into it stops at once naming the first's PID.
@@ -25,24 +30,34 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from medllava.question_styles import PROMPT_STYLES
+from medllava.templates import DEFAULT_TEMPLATE, GENERATION_TEMPLATES
 
-from medllava.eval.score import _option
+from medllava.eval.options import add_task_options
+
+if TYPE_CHECKING:  # annotations only: the CLI imports this module to register `run`, so it stays light
+    from medllava.heads import HeadInfo
+
+    from medllava.eval.generate import Asking
+    from medllava.eval.predictions import PredictionLog
+    from medllava.eval.tasks.base import Example, Task
 
 log = logging.getLogger(__name__)
 
-RUN_TEMPLATES = ("vicuna_v1", "mistral_instruct", "chat_template")
 CLOSED_SCORING = ("generate", "likelihood")
-DEFAULT_TEMPLATE, DEFAULT_STYLE = "vicuna_v1", "llava-med"
+DEFAULT_STYLE = "llava-med"
 # Settings that change the answers: a run resumed with other values would mix two runs in one file.
 RUN_KEYS = ("task", "split", "model", "head", "template", "prompt_style", "closed_options", "closed_scoring",
             "max_new_tokens", "dtype")
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `run` to the `medllava eval` subcommands."""
     from medllava.eval.tasks import TASKS  # light: the loaders import pyarrow only when reading parquet
 
     p = subparsers.add_parser(
@@ -60,7 +75,7 @@ def register(subparsers) -> None:
     p.add_argument("--split", default="test", help="split to answer (default: test)")
     p.add_argument("--prompt-style", choices=PROMPT_STYLES,
                    help=f"question style (default: the head's, else {DEFAULT_STYLE})")
-    p.add_argument("--template", choices=RUN_TEMPLATES,
+    p.add_argument("--template", choices=GENERATION_TEMPLATES,
                    help=f"conversation template (default: the head's, else {DEFAULT_TEMPLATE})")
     p.add_argument("--batch-size", type=int, default=8, help="questions per batch (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest generated answer in tokens (default 128)")
@@ -71,8 +86,7 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="weight dtype (default: bfloat16 on a GPU, float32 on the CPU)")
-    p.add_argument("-o", "--option", action="append", type=_option, default=[], metavar="KEY=VALUE",
-                   help="task option, e.g. lang=zh (SLAKE) or source=official (VQA-RAD, PathVQA)")
+    add_task_options(p)
     p.set_defaults(func=run)
 
 
@@ -88,10 +102,17 @@ class RunStats:
 
     @property
     def questions_per_second(self) -> float | None:
+        """Answers per second of answering, None when nothing was answered."""
         return self.answered / self.seconds if self.answered and self.seconds > 0 else None
 
+    def facts(self, settings: dict) -> dict:
+        """metrics.json's "run": the settings that made the answers, then what this pass did."""
+        qps = self.questions_per_second
+        return {**settings, "answered_now": self.answered, "resumed": self.resumed, "seconds": round(self.seconds, 3),
+                "questions_per_second": round(qps, 3) if qps else None, "skipped_images": self.skipped_images}
 
-def resolve_asking(template: str | None, prompt_style: str | None, info=None):
+
+def resolve_asking(template: str | None, prompt_style: str | None, info: HeadInfo | None = None) -> Asking:
     """The head's settings (or the defaults), with the flags that were given on top."""
     from medllava.eval.generate import Asking
 
@@ -124,22 +145,17 @@ def check_resume(out_dir: Path, settings: dict) -> None:
     atomic_write_json(path, settings)
 
 
-def answer_questions(model, processor, task, examples, asking, pred_log, *, batch_size: int,
-                     max_new_tokens: int, closed_scoring: str = "generate", head: str | None = None) -> RunStats:
-    """Answer every example not yet in `pred_log` (a JsonlLog), appending one row per answer."""
+def answer_questions(model, processor, task: Task, examples: Sequence[Example], asking: Asking, pred_log, *,
+                     batch_size: int, max_new_tokens: int, closed_scoring: str = "generate", head: str | None = None,
+                     done: Collection[str] = frozenset()) -> RunStats:
+    """Answer every example whose qid is not in `done`, appending one row per answer to `pred_log`
+    (a `PredictionLog`, or anything with `path` and `append(row)`, such as a `JsonlLog`)."""
     from tqdm import tqdm
-
-    from medllava.io import read_jsonl
 
     from medllava.eval.generate import ensure_pad_token
     from medllava.eval.tasks.base import CLOSED
 
     ensure_pad_token(processor)
-    bad: list[str] = []
-    done = {str(row.get("qid")) for _, row in read_jsonl(pred_log.path, skip_bad=True, errors=bad)}
-    if bad:
-        log.warning("%s: %d unreadable rows ignored; their questions are answered again (first: %s)",
-                    pred_log.path, len(bad), bad[0])
     todo = [ex for ex in examples if ex.qid not in done]
     stats = RunStats(resumed=len(examples) - len(todo))
     if stats.resumed:
@@ -163,7 +179,8 @@ def answer_questions(model, processor, task, examples, asking, pred_log, *, batc
     return stats
 
 
-def _batches(processor, task, group, asking, batch_size, stats):
+def _batches(processor, task: Task, group: list[Example], asking: Asking, batch_size: int,
+             stats: RunStats) -> Iterator[tuple[list[Example], list, int]]:
     """Yield `(examples, images, questions tried)` per length-sorted batch, leaving out (and noting in
     `stats`) the questions whose image cannot be read."""
     from medllava.images import ImageLoadError
@@ -183,7 +200,9 @@ def _batches(processor, task, group, asking, batch_size, stats):
         yield batch, images, len(indices)
 
 
-def _answer_batch(model, processor, batch, images, asking, mode, max_new_tokens) -> list[dict]:
+def _answer_batch(model, processor, batch: list[Example], images: list, asking: Asking, mode: str,
+                  max_new_tokens: int) -> list[dict]:
+    """One prediction row per example of `batch`, by likelihood over its options or by generation."""
     from medllava.eval.generate import generate_answers, options_for, prompt_for, question_text
     from medllava.eval.likelihood import best, score_candidates
 
@@ -202,6 +221,7 @@ def _answer_batch(model, processor, batch, images, asking, mode, max_new_tokens)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Load the task, then answer, score and report each head (or the base) under the output lock."""
     from medllava.locks import output_lock
 
     from medllava.eval.tasks import load_task
@@ -218,7 +238,8 @@ def run(args: argparse.Namespace) -> int:
         return _run_locked(args, task, examples, out, device, dtype)
 
 
-def _run_locked(args: argparse.Namespace, task, examples, out: Path, device: str, dtype: str) -> int:
+def _run_locked(args: argparse.Namespace, task: Task, examples: Sequence[Example], out: Path, device: str,
+                dtype: str) -> int:
     """The rest of `run`, while this process holds the lock of `out`."""
     from medllava.heads import load_with_heads, use_head
     from medllava.model import ModelConfig
@@ -239,61 +260,49 @@ def _run_locked(args: argparse.Namespace, task, examples, out: Path, device: str
     return 0
 
 
-def evaluate(model, processor, task, examples, asking, out_dir: Path, settings: dict, *, batch_size: int) -> Path:
+def evaluate(model, processor, task: Task, examples: Sequence[Example], asking: Asking, out_dir: Path, settings: dict,
+             *, batch_size: int) -> Path:
     """Answer (or resume answering) `examples` into `out_dir`, then score and report; returns the report path."""
-    from medllava.io import JsonlLog
+    from medllava.eval.predictions import PredictionLog
 
     out_dir.mkdir(parents=True, exist_ok=True)
     check_resume(out_dir, settings)
-    pred_path = out_dir / "predictions.jsonl"
-    with JsonlLog(pred_path) as pred_log:
+    with PredictionLog(out_dir / "predictions.jsonl") as pred_log:
+        if pred_log.unreadable:
+            log.warning("%s: %d unreadable rows ignored; their questions are answered again (first: %s)",
+                        pred_log.path, len(pred_log.unreadable), pred_log.unreadable[0])
         stats = answer_questions(model, processor, task, examples, asking, pred_log, batch_size=batch_size,
-                                 max_new_tokens=settings["max_new_tokens"],
-                                 closed_scoring=settings["closed_scoring"], head=settings["head"])
-    return score_and_report(task, examples, pred_path, out_dir, settings, stats)
+                                 max_new_tokens=settings["max_new_tokens"], closed_scoring=settings["closed_scoring"],
+                                 head=settings["head"], done=pred_log.answered())
+    return score_and_report(task, examples, pred_log, out_dir, settings, stats)
 
 
-def score_and_report(task, examples, pred_path: Path, out_dir: Path, settings: dict, stats: RunStats) -> Path:
-    """metrics.json, items.jsonl and report.md (with plots) for the questions answered in `out_dir`."""
-    from medllava.io import atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
+def score_and_report(task: Task, examples: Sequence[Example], pred_log: PredictionLog, out_dir: Path, settings: dict,
+                     stats: RunStats) -> Path:
+    """metrics.json, items.jsonl and report.md (with plots) for the questions `pred_log` (a `PredictionLog`)
+    holds answers to: the questions asked now plus any answered by an earlier, larger run into the folder."""
+    from medllava.io import atomic_write_json, write_jsonl
 
-    from medllava.eval.report import table, write_report
-    from medllava.eval.score import print_summary, score_predictions
+    from medllava.eval.report import print_summary, write_report
+    from medllava.eval.results import score_predictions
 
-    answered = {str(row.get("qid")) for _, row in read_jsonl(pred_path, skip_bad=True)}
+    answered = pred_log.answered()
     if not answered:
         raise ValueError(f"no question could be answered: {len(stats.skipped_images)} of {len(examples)} images "
                          f"unreadable (first: {next(iter(stats.skipped_images.values()), 'none')})")
-    # Score what this folder answers: the questions asked now plus any answered by an earlier, larger run.
     asked = {ex.qid for ex in examples}
     scope = [ex for ex in task.examples if ex.qid in asked or ex.qid in answered]
-    results, items = score_predictions(task, pred_path, examples=scope)
-    run_facts = {**settings, "answered_now": stats.answered, "resumed": stats.resumed,
-                 "seconds": round(stats.seconds, 3),
-                 "questions_per_second": round(stats.questions_per_second, 3) if stats.questions_per_second else None,
-                 "skipped_images": stats.skipped_images}
-    results["run"] = run_facts
+    results, items = score_predictions(task, pred_log.predictions(), examples=scope, run=stats.facts(settings))
     atomic_write_json(out_dir / "metrics.json", results)
     write_jsonl(out_dir / "items.jsonl", items)
     report = out_dir / "report.md"
     write_report(results, report)
-    rows = [(k, _cell(v)) for k, v in run_facts.items()]
-    atomic_write_text(report, report.read_text() + "\n## Run\n\n" + table(("setting", "value"), rows) + "\n")
     print_summary(results)
     return report
 
 
-def _cell(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, list):
-        return ", ".join(map(str, value))
-    if isinstance(value, dict):
-        return str(len(value))
-    return str(value)
-
-
 def _device_and_dtype(device: str, dtype: str) -> tuple[str, str]:
+    """"auto" resolved: cuda when torch sees a GPU, bfloat16 on a GPU and float32 on the CPU."""
     import torch
 
     if device == "auto":
@@ -306,5 +315,6 @@ def _device_and_dtype(device: str, dtype: str) -> tuple[str, str]:
 
 
 def _model_id(model: str) -> str:
+    """A model folder as its absolute path (so run.json names it wherever the run starts), a name as given."""
     path = Path(model)
     return str(path.resolve()) if path.exists() else model

@@ -21,6 +21,10 @@ from pathlib import Path
 from typing import IO, Any
 
 
+READ_BLOCK = 1 << 16
+"""Bytes read at a time when scanning a file backwards."""
+
+
 class DataError(ValueError):
     """Bad input data; the message names the file and the line or record."""
 
@@ -315,12 +319,27 @@ class JsonlLog:
         self._f = open(self.path, "a", encoding="utf-8")
 
     def _truncate_partial_tail(self) -> None:
+        """Cut a last line that a killed writer left half-written, reading from the end only as far back
+        as its start (the rest of a long log is not read)."""
         if not self.path.exists():
             return
         with open(self.path, "rb+") as f:
-            data = f.read()
-            if data and not data.endswith(b"\n"):
-                f.truncate(data.rfind(b"\n") + 1)
+            end = f.seek(0, os.SEEK_END)
+            if end == 0:
+                return
+            f.seek(end - 1)
+            if f.read(1) == b"\n":
+                return
+            start = end
+            while start > 0:
+                size = min(READ_BLOCK, start)
+                start -= size
+                f.seek(start)
+                newline = f.read(size).rfind(b"\n")
+                if newline != -1:
+                    f.truncate(start + newline + 1)
+                    return
+            f.truncate(0)
 
     def rows(self) -> list[dict]:
         """Rows already in the file (complete lines only)."""

@@ -39,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from medllava.eval.metrics.stats import bootstrap_ci  # noqa: E402
-from medllava.eval.scoring import score_examples  # noqa: E402
+from medllava.eval.results import score_examples  # noqa: E402
 from medllava.eval.tasks import CLOSED, load_task  # noqa: E402
 from medllava.finetune.config import DataConfig, StageConfig  # noqa: E402
 from medllava.finetune.head_training import FinetuneConfig, HeadSettings, train_head  # noqa: E402

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from chat_completions_server import ChatServer, Reply, completion
+from chat_completions_server import ChatServer, Reply, completion, use_loopback
 from medllava.cli import main
 
 from medllava.eval.judge import load_captions, load_questions, parse_scores, summarize
@@ -27,9 +27,7 @@ SCRIPT = {
 
 @pytest.fixture(autouse=True)
 def env(monkeypatch):
-    monkeypatch.setenv("JUDGE_KEY", KEY)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    use_loopback(monkeypatch, "JUDGE_KEY", KEY)
 
 
 def scripted(n, seen):

@@ -13,7 +13,7 @@ from medllava.eval.metrics import llava_med, strict
 from medllava.eval.metrics.bleu import sentence_bleu
 from medllava.eval.metrics.stats import bootstrap_ci
 from medllava.eval.predictions import pair_predictions, read_predictions
-from medllava.eval.scoring import score_examples
+from medllava.eval.results import score_examples
 from medllava.eval.tasks import load_task
 
 QUIRKS = Path(__file__).parent / "assets" / "eval" / "quirks"

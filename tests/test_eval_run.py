@@ -4,9 +4,12 @@ against a direct per-candidate computation, and task heads."""
 
 from __future__ import annotations
 
+import builtins
+import io
 import json
 import logging
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
 from medllava.cli import main
-from medllava.heads import HeadInfo, write_head_info
+from medllava.heads import HeadInfo
 from medllava.templates import prompt_text
 
 from medllava.eval.generate import Asking, encode, generate_answers, greedy_config, length_batches, prompt_for
@@ -25,6 +28,7 @@ from medllava.eval.likelihood import best, reply_text, score_candidates
 from medllava.eval.predictions import read_predictions
 from medllava.eval.run import resolve_asking
 from medllava.eval.tasks import load_task
+from random_heads import make_head
 
 VQA_RAD = Path(__file__).parent / "assets" / "eval" / "vqa_rad"
 BROKEN, MISSING = "synpic35914.jpg", "synpic34515.jpg"  # the images of questions 733 and 47
@@ -126,6 +130,42 @@ def test_a_killed_run_resumes_without_regenerating(vqa_root, tiny_checkpoint, tm
     assert "max_new_tokens: 3 -> 5" in capsys.readouterr().err
 
 
+@pytest.fixture
+def file_traffic(monkeypatch):
+    """Records `(mode, name)` for every open of a file and `("replace", name)` for every atomic rename onto one."""
+    seen: list[tuple[str, str]] = []
+    real_open, real_replace = builtins.open, os.replace
+
+    def spy_open(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)):
+            seen.append((mode, Path(file).name))
+        return real_open(file, mode, *args, **kwargs)
+
+    def spy_replace(src, dst, *args, **kwargs):
+        seen.append(("replace", Path(dst).name))
+        return real_replace(src, dst, *args, **kwargs)
+
+    for module, name, spy in ((builtins, "open", spy_open), (io, "open", spy_open), (os, "replace", spy_replace)):
+        monkeypatch.setattr(module, name, spy)
+    return seen
+
+
+def test_predictions_are_read_once_and_the_report_written_once(vqa_root, tiny_checkpoint, tmp_path, file_traffic):
+    out = tmp_path / "run"
+    for extra in (("--limit", "4"), ()):  # a fresh run, then one that resumes it
+        file_traffic.clear()
+        assert eval_run(vqa_root, tiny_checkpoint, out, *extra) == 0
+        # Read once (to resume), appended to as answers come; scoring uses the rows held in memory.
+        assert [m for m, name in file_traffic if name == "predictions.jsonl" and m in ("r", "rb")] == ["r"]
+        assert ("a", "predictions.jsonl") in file_traffic
+        assert file_traffic.count(("replace", "report.md")) == 1
+        assert file_traffic.count(("replace", "metrics.json")) == 1
+        assert not [m for m, name in file_traffic if name == "report.md" and m != "replace"]
+    run = json.loads((out / "metrics.json").read_text())["run"]
+    assert (run["resumed"], run["answered_now"]) == (4, 10)
+    assert len(rows(out / "predictions.jsonl")) == 14
+
+
 def test_batches_are_length_sorted():
     class Tok:
         def __call__(self, texts, add_special_tokens):
@@ -197,24 +237,6 @@ def test_closed_questions_answered_by_likelihood(vqa_root, tiny_checkpoint, tmp_
     for r in closed:
         assert r["scoring"] == "likelihood" and list(r["scores"]) == ["yes", "no"]
         assert r["prediction"] == max(r["scores"], key=r["scores"].get)
-
-
-def make_head(base_dir: Path, out: Path, seed: int, info: HeadInfo) -> Path:
-    """A LoRA head (with its own projector) trained for nothing: random but non-zero updates."""
-    from peft import LoraConfig, get_peft_model
-
-    model = LlavaForConditionalGeneration.from_pretrained(base_dir)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj)$",
-                      modules_to_save=["multi_modal_projector"])
-    peft_model = get_peft_model(model, lora)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name or "modules_to_save" in name:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
-    peft_model.save_pretrained(out)
-    write_head_info(out, info)
-    return out
 
 
 def test_each_head_is_evaluated_in_turn_on_one_base(vqa_root, tiny_checkpoint, tmp_path, caplog):

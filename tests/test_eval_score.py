@@ -10,7 +10,7 @@ import pytest
 from medllava.cli import main
 from medllava.io import DataError
 
-from medllava.eval.predictions import pair_predictions, read_predictions
+from medllava.eval.predictions import PredictionLog, pair_predictions, read_predictions
 from medllava.eval.tasks import load_task
 
 ASSETS = Path(__file__).parent / "assets" / "eval"
@@ -52,6 +52,31 @@ def test_bad_prediction_rows_are_skipped_and_counted(tmp_path):
     assert "p.jsonl:2: not a valid JSON object" in preds.skipped[0]
     assert "p.jsonl:4: duplicate id '11'" in preds.skipped[2]
     assert "p.jsonl:5: a llava-med row in a medllava prediction file" in preds.skipped[3]
+
+
+def test_a_prediction_log_holds_what_reading_the_file_would_give(tmp_path, caplog):
+    path = write_jsonl(tmp_path / "predictions.jsonl", [
+        {"qid": "11", "prediction": "yes", "question": "q"},
+        "{not json",
+        {"qid": "13"},
+        {"question_id": 14, "text": "yes"},
+        "",
+        {"qid": "11", "prediction": "no"},
+    ])
+    path.write_text(path.read_text() + '{"qid": "12", "predic')  # a half-written last line, as a kill leaves
+    with PredictionLog(path) as log:
+        # Any JSON object row counts as answered; the question of the unreadable line is asked again.
+        assert {"11", "13"} <= log.answered() and "12" not in log.answered()
+        assert len(log.unreadable) == 1 and "predictions.jsonl:2: not a valid JSON object" in log.unreadable[0]
+        log.append({"qid": "12", "prediction": "left", "question": "q2"})
+        log.append({"qid": "15", "prediction": 3})
+        held = log.predictions()
+    assert "12" in log.answered() and path.read_text().endswith('"prediction": 3}\n')
+    from_disk = read_predictions(path)
+    assert (held.path, held.format, held.rows, held.skipped) == (from_disk.path, "medllava", from_disk.rows,
+                                                                  from_disk.skipped)
+    assert [(p.id, p.text, p.where) for p in held.rows][-2:] == [("12", "left", f"{path}:7"), ("15", "3", f"{path}:8")]
+    assert "predictions.jsonl:4: a llava-med row in a medllava prediction file" in held.skipped[2]
 
 
 def test_pairing_by_id_scores_missing_as_empty(task, tmp_path):

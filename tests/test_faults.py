@@ -402,3 +402,23 @@ def test_a_failed_write_inside_a_folder_names_the_final_path(tmp_path):
     assert raised.value.filename == str(target / "model.safetensors")
     assert list(tmp_path.iterdir()) == []
     assert describe_error(ValueError("bad line")) == "bad line"  # other errors keep their own message
+
+
+@pytest.mark.parametrize("block", [4, 1 << 16])
+@pytest.mark.parametrize(("content", "kept"), [
+    (b"", b""),
+    (b'{"a": 1}\n', b'{"a": 1}\n'),
+    (b'{"a": 1}\n{"b": 2', b'{"a": 1}\n'),
+    (b'{"a": 1}\n{"b": "' + b"x" * 50 + b'"', b'{"a": 1}\n'),
+    (b'{"b": 2', b""),
+])
+def test_a_log_reopened_after_a_kill_cuts_only_the_half_written_last_line(tmp_path, monkeypatch, block, content, kept):
+    from medllava import io
+
+    monkeypatch.setattr(io, "READ_BLOCK", block)
+    path = tmp_path / "log.jsonl"
+    path.write_bytes(content)
+    log = io.JsonlLog(path)
+    log.append({"c": 3})
+    log.close()
+    assert path.read_bytes() == kept + b'{"c": 3}\n'

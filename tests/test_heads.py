@@ -6,26 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from PIL import Image
 
-from medllava.heads import HeadInfo, head_name, load_with_heads, read_head_info, use_head, write_head_info
+from medllava.heads import head_name, load_with_heads, read_head_info, use_head
 from medllava.model import ModelConfig, build_model
-
-
-def make_head(base_dir, out, seed):
-    model, _ = build_model(ModelConfig(name_or_path=str(base_dir)))
-    peft_model = get_peft_model(model, LoraConfig(
-        r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj)$",
-        modules_to_save=["multi_modal_projector"]))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name or "modules_to_save" in name:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
-    peft_model.save_pretrained(out)
-    write_head_info(out, HeadInfo(task=f"task{seed}", base=str(base_dir)))
-    return out
+from random_heads import make_head
 
 
 def logits(model, processor):

@@ -1,8 +1,12 @@
-"""Score predictions on a task's questions: both metric families side by side, a seeded
-bootstrap interval for every headline number, per-category breakdowns and the counts
-behind the closed-question confusion matrix.
+"""The results of scoring predictions on a task's questions: the whole metrics.json dict and the
+per-question items, for `eval score` (a file) and `eval run` (the answers it holds in memory).
 
-`score_examples` returns `(results, items)`. `results` is plain JSON:
+`score_predictions(task, predictions)` pairs the predictions with the questions and returns
+`(results, items)`; `results` is plain JSON:
+  task, split, source   the questions scored and the ground truth they came from
+  predictions           the prediction file; prediction_format, "medllava" or "llava-med"
+  pairing               {"method", "note", "missing", "skipped_rows"} (see `medllava.eval.predictions`)
+  skipped_ground_truth  ground-truth records the task loader skipped
   n, n_closed, n_open
   strict, llava_med     {metric: {"value", "ci95": [lo, hi], "n"}}, values as fractions
                         (LLaVA-Med prints percentages); "n_scored" where the metric leaves
@@ -13,17 +17,23 @@ behind the closed-question confusion matrix.
                         columns the strict answer read from the prediction ("(none)" when no
                         option was found; answers past the commonest few fold into "(other)")
   bootstrap             {"n_boot", "seed", "level"}
+  run                   `eval run` only: the settings that made the answers and what the run did
+`score_examples` builds the part from n to bootstrap from paired texts alone.
 `items` holds one record per question with its per-question scores in both families.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 
 from medllava.eval.metrics import llava_med, strict
 from medllava.eval.metrics.stats import bootstrap_ci, mean
-from medllava.eval.tasks.base import CLOSED, OPEN, Example
+from medllava.eval.predictions import PredictionFile, pair_predictions
+from medllava.eval.tasks.base import CLOSED, OPEN, Example, Task
+
+log = logging.getLogger(__name__)
 
 # Family metric -> per-question key; order is the order of the report tables.
 STRICT_METRICS = {"closed_accuracy": "closed_accuracy", "open_exact_match": "open_exact_match",
@@ -35,6 +45,7 @@ NONE_LABEL, OTHER_LABEL = "(none)", "(other)"
 
 
 def score_item(example: Example, prediction: str, choices: Sequence[str], candidates: Sequence | None) -> dict:
+    """One question's record: truth, prediction and its per-question scores in both families."""
     return {
         "qid": example.qid,
         "answer_type": example.answer_type,
@@ -46,6 +57,7 @@ def score_item(example: Example, prediction: str, choices: Sequence[str], candid
 
 
 def _metric(values: list, n_boot: int, seed: int) -> dict:
+    """{"value", "ci95", "n"} of per-question values (None where the metric leaves a question out)."""
     out = {"value": mean(values), "ci95": bootstrap_ci(values, n_boot=n_boot, seed=seed), "n": len(values)}
     scored = sum(v is not None for v in values)
     if scored != len(values):
@@ -54,6 +66,7 @@ def _metric(values: list, n_boot: int, seed: int) -> dict:
 
 
 def _family(items: list[dict], family: str, keys: dict[str, str], n_boot: int, seed: int) -> dict:
+    """{metric: _metric} for the metrics of one family that some question has."""
     out = {}
     for name, key in keys.items():
         values = [it[family][key] for it in items if key in it[family]]
@@ -64,7 +77,7 @@ def _family(items: list[dict], family: str, keys: dict[str, str], n_boot: int, s
 
 def summarize(items: list[dict]) -> dict:
     """The headline numbers of a subset of questions, without intervals."""
-    def avg(family: str, key: str):
+    def avg(family: str, key: str) -> float | None:
         return mean([it[family][key] for it in items if key in it[family]])
 
     return {
@@ -112,7 +125,8 @@ def confusion(items: list[dict]) -> dict:
 def score_examples(examples: Sequence[Example], predictions: Sequence[str], *,
                    categories: Callable[[Example], dict[str, list[str]]] | None = None,
                    candidates: Sequence | None = None, n_boot: int = 1000, seed: int = 0) -> tuple[dict, list[dict]]:
-    """Score `predictions[i]` as the answer to `examples[i]` (see the module docstring)."""
+    """Score `predictions[i]` as the answer to `examples[i]`: the results from n to bootstrap (see the
+    module docstring) and the per-question items."""
     if len(predictions) != len(examples):
         raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
     # Strict closed answers are read against every closed answer of the task, so a
@@ -132,4 +146,36 @@ def score_examples(examples: Sequence[Example], predictions: Sequence[str], *,
     }
     for item, cat in zip(items, cats):
         item["categories"] = cat
+    return results, items
+
+
+def score_predictions(task: Task, predictions: PredictionFile, *, examples: Sequence[Example] | None = None,
+                      candidates: Sequence | None = None, n_boot: int = 1000, seed: int = 0,
+                      run: dict | None = None) -> tuple[dict, list[dict]]:
+    """Pair `predictions` with the questions of `task` (or `examples`, some of them) and score them.
+
+    Returns `(results, items)`: the whole metrics.json dict (with `run`, an eval run's own facts, last
+    when given) and the per-question scores.
+    """
+    examples = task.examples if examples is None else examples
+    pairing = pair_predictions(examples, predictions)
+    if pairing.missing:
+        log.warning("%d of %d questions have no prediction; they are scored as empty answers",
+                    len(pairing.missing), len(examples))
+    log.info("scoring %d %s questions (%s)", len(examples), task.name, pairing.note)
+    scores, items = score_examples(examples, pairing.texts, categories=task.categories,
+                                   candidates=candidates, n_boot=n_boot, seed=seed)
+    results = {
+        "task": task.name,
+        "split": task.split,
+        "source": str(task.source),
+        "predictions": str(predictions.path),
+        "prediction_format": predictions.format,
+        "pairing": {"method": pairing.method, "note": pairing.note, "missing": pairing.missing,
+                    "skipped_rows": predictions.skipped},
+        "skipped_ground_truth": task.skipped,
+        **scores,
+    }
+    if run is not None:
+        results["run"] = run
     return results, items
