@@ -8,6 +8,8 @@ before any GPU hour is spent.
 from __future__ import annotations
 
 import argparse
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from medllava.templates import DEFAULT_TEMPLATE, TEMPLATES
@@ -37,89 +39,119 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_check)
 
 
+@dataclass
+class _Tally:
+    """What checking the examples found: token counts, skips and summed losses."""
+
+    lengths: list[int] = field(default_factory=list)
+    targets: list[int] = field(default_factory=list)
+    losses: list[tuple[float, int]] = field(default_factory=list)
+    """(loss x supervised tokens, supervised tokens) per forward pass."""
+    skipped: Counter = field(default_factory=Counter)
+    problems: list[str] = field(default_factory=list)
+
+
 def run_check(args: argparse.Namespace) -> int:
+    """Read, encode and run the model over the data as training would; print (and write) the report."""
     import itertools
-    from collections import Counter
-    import math
-    import statistics
 
-    import torch
-    from tqdm import tqdm
-
-    from medllava.data import Collator, Encoder, SkipExample
+    from medllava.data import Collator, Encoder
     from medllava.io import atomic_write_json
     from medllava.model import ModelConfig, build_model
     from medllava.records import ReadReport, iter_records
 
-    data, image_root = args.data, args.image_root
-    if data is None:
-        data, default_root = demo_data()
-        image_root = image_root or default_root
-    image_root = image_root or data.parent
+    data, image_root = _data_and_root(args.data, args.image_root)
     model, processor = build_model(ModelConfig(name_or_path=args.model))
     encoder = Encoder(processor, template=args.template, image_root=image_root, max_length=args.max_length)
     collator = Collator(pad_token_id=processor.tokenizer.pad_token_id)
     read = ReadReport()
     records = itertools.islice(iter_records(data, skip_bad=True, report=read), args.limit)
+    tally = _check_examples(records, encoder, lambda feats, tally: _forward(model, collator, feats, tally),
+                            args.batch_size)
+    report = _report(args, data, read, tally)
+    _print_report(report)
+    if args.report:
+        atomic_write_json(args.report, report)
+        print(f"report written to {args.report}")
+    return 0 if tally.lengths else 1
 
-    lengths, targets, losses, pending = [], [], [], []
 
-    skipped = Counter()
-    problems: list[str] = []
+def _data_and_root(data: Path | None, image_root: Path | None) -> tuple[Path, Path]:
+    """The conversation file (default: the demo set) and the folder its image paths are relative to."""
+    if data is None:
+        data, default_root = demo_data()
+        image_root = image_root or default_root
+    return data, image_root or data.parent
 
-    def forward(batch_feats):
-        batch = collator(batch_feats)
-        batch.pop("example_ids")
-        for reason, detail in batch.pop("skipped"):
-            skipped[reason] += 1
-            problems.append(f"{reason}: {detail}")
-        if batch["input_ids"].numel() == 0:
-            return
-        with torch.no_grad():
-            out = model(**batch)
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        losses.append((float(out.loss) * n, n))
 
+def _check_examples(records, encoder, forward, batch_size: int) -> _Tally:
+    """Encode every record, counting those that cannot be used, and pass batches of `batch_size` usable
+    examples (with the skip markers between them) to `forward(features, tally)`."""
+    from tqdm import tqdm
+
+    from medllava.data import SkipExample
+
+    tally, pending = _Tally(), []
     for record in tqdm(records, desc="checking", unit="rec", disable=None):
         try:
             enc = encoder(record)
         except SkipExample as e:
             pending.append({"skip": e.reason, "detail": e.detail})
             continue
-        lengths.append(len(enc["input_ids"]))
-        targets.append(sum(lab != -100 for lab in enc["labels"]))
+        tally.lengths.append(len(enc["input_ids"]))
+        tally.targets.append(sum(lab != -100 for lab in enc["labels"]))
         pending.append(enc)
-        if sum("skip" not in f for f in pending) >= args.batch_size:
-            forward(pending)
+        if sum("skip" not in f for f in pending) >= batch_size:
+            forward(pending, tally)
             pending = []
     if pending:
-        forward(pending)
+        forward(pending, tally)
+    return tally
 
-    tokens = sum(n for _, n in losses)
-    mean_loss = sum(l for l, _ in losses) / tokens if tokens else float("nan")
-    report = {
+
+def _forward(model, collator, features: list[dict], tally: _Tally) -> None:
+    """Collate one batch (counting the skipped examples in it) and add its summed loss to `tally`."""
+    import torch
+
+    batch = collator(features)
+    batch.pop("example_ids")
+    for reason, detail in batch.pop("skipped"):
+        tally.skipped[reason] += 1
+        tally.problems.append(f"{reason}: {detail}")
+    if batch["input_ids"].numel() == 0:
+        return
+    with torch.no_grad():
+        out = model(**batch)
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    tally.losses.append((float(out.loss) * n, n))
+
+
+def _report(args: argparse.Namespace, data: Path, read, tally: _Tally) -> dict:
+    """The check's findings as the JSON report."""
+    import math
+    import statistics
+
+    tokens = sum(n for _, n in tally.losses)
+    mean_loss = sum(l for l, _ in tally.losses) / tokens if tokens else float("nan")
+    lengths = tally.lengths
+    return {
         "data": str(data),
         "model": args.model,
         "template": args.template,
         "records_read": read.read,
         "records_invalid": len(read.skipped),
         "examples_ok": len(lengths),
-        "examples_skipped": dict(skipped),
-        "first_problems": (read.skipped + problems)[:10],
+        "examples_skipped": dict(tally.skipped),
+        "first_problems": (read.skipped + tally.problems)[:10],
         "tokens": {
             "min": min(lengths, default=0),
             "median": statistics.median(lengths) if lengths else 0,
             "max": max(lengths, default=0),
-            "supervised_total": sum(targets),
+            "supervised_total": sum(tally.targets),
         },
         "loss": mean_loss,
         "perplexity": math.exp(mean_loss) if tokens and mean_loss < 50 else None,
     }
-    _print_report(report)
-    if args.report:
-        atomic_write_json(args.report, report)
-        print(f"report written to {args.report}")
-    return 0 if lengths else 1
 
 
 def _print_report(r: dict) -> None:
