@@ -78,7 +78,7 @@ def load_image(
     root: the image root `path` must stay inside once symlinks are resolved; a path that is, or
         passes through, a symlink leading out of it is refused (`ImageOutsideRootError`).
     dicom_descriptions: DICOM only; also return StudyDescription and SeriesDescription in the
-        metadata, cleaned of identifiers (`medllava.dicom.clean_description`). Off by default.
+        metadata, cleaned of identifiers (`medllava.dicom_metadata.clean_description`). Off by default.
     exclude_burned_in: DICOM only; refuse files whose header says identifying text is burned into
         the pixels (BurnedInAnnotation YES) with `medllava.dicom.BurnedInAnnotationError`. Without
         it they load with a `medllava.dicom.BurnedInAnnotationWarning`.
@@ -109,7 +109,7 @@ def load_image_with_metadata(
     For Pillow formats: `format`, `size` ([width, height]), `mode` (as stored), `frame`,
     `n_frames`, and `value_range` when a high-bit-depth image was stretched.
     For DICOM: the same keys plus the header's coded and numeric values (see
-    `medllava.dicom.METADATA_KEYWORDS`), `burned_in_annotation` (True, False or None when the
+    `medllava.dicom_metadata.METADATA_KEYWORDS`), `burned_in_annotation` (True, False or None when the
     header is silent) and what was done to the pixels (`window`, `value_range`, `transfer_syntax`).
     No patient names, IDs, dates or free text, unless `dicom_descriptions` asks for the cleaned
     descriptions.

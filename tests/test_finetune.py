@@ -238,7 +238,6 @@ def test_a_rerun_resumes_and_another_config_in_the_same_folder_is_refused(traine
 
 @pytest.mark.parametrize("path", sorted((REPO / "finetune" / "configs" / "heads").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_finetune_config_loads(path):
-    from medllava.config import load_config
     from medllava.eval.tasks import TASKS
 
     assert path.read_text().splitlines()[0].startswith(f"# medllava finetune --task finetune/configs/heads/{path.name}")
@@ -342,7 +341,6 @@ def test_closed_answers_are_spelled_as_the_options():
 
 
 def test_every_benchmark_task_has_a_shipped_head_config_found_by_its_task_name():
-    from medllava.config import load_config
     from medllava.eval.tasks import TASKS
 
     configs = heads.shipped_task_configs()

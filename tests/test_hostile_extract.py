@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from medllava.curation import extract, jats
+from medllava.curation import article_inputs, extract, jats
 from medllava.curation.jats import parse_article
 
 XLINK = 'xmlns:xlink="http://www.w3.org/1999/xlink"'
@@ -330,8 +330,8 @@ def test_a_package_of_many_articles_is_indexed_once_and_read_in_order(tmp_path, 
         members += [(f"a{i % 3}/img-{i}.png", _png()), (f"a{i % 3}/PMC{1000 + i}.nxml", article(1000 + i, (str(i),)))]
     path = package(tmp_path / "in" / "big.tar.gz", members)
     built, reads = [], []
-    real_index, real_check = extract.ImageIndex.__init__, extract.check_image
-    monkeypatch.setattr(extract.ImageIndex, "__init__",
+    real_index, real_check = article_inputs.ImageIndex.__init__, extract.check_image
+    monkeypatch.setattr(article_inputs.ImageIndex, "__init__",
                         lambda self, *a, **k: (built.append(1), real_index(self, *a, **k))[1])
     monkeypatch.setattr(extract, "check_image", lambda data: (reads.append(data), real_check(data))[1])
     offsets, real_extract = [], tarfile.TarFile.extractfile
@@ -355,8 +355,8 @@ def test_a_flat_folder_of_many_loose_articles_is_listed_once(tmp_path, monkeypat
         (folder / f"PMC{1000 + i}.nxml").write_bytes(article(1000 + i, (str(i),)))
         (folder / f"img-{i}.png").write_bytes(b"")
     built = []
-    real_index = extract.ImageIndex.__init__
-    monkeypatch.setattr(extract.ImageIndex, "__init__",
+    real_index = article_inputs.ImageIndex.__init__
+    monkeypatch.setattr(article_inputs.ImageIndex, "__init__",
                         lambda self, *a, **k: (built.append(1), real_index(self, *a, **k))[1])
     out = tmp_path / "figs.jsonl"
     extract.run(_args(out, [folder]))
