@@ -78,7 +78,8 @@ from medllava.finetune.stages import apply_lora  # noqa: E402
 from medllava.finetune.trainer import checkpointing_arguments  # noqa: E402
 from medllava.data import Collator  # noqa: E402
 from medllava.loss import supervised_loss  # noqa: E402
-from medllava.model import TRAINABLE, ModelConfig, build_model, num_image_tokens, set_trainable  # noqa: E402
+from medllava.model import TRAINABLE, ModelConfig, build_model, set_trainable  # noqa: E402
+from medllava.families import fixed_image_token_count  # noqa: E402
 from medllava.tiny import TINY_SPECS  # noqa: E402
 
 CONFIGS = REPO / "finetune" / "configs"
@@ -266,7 +267,7 @@ def measure(options, args, source: TextSource, describe_text: bool = False, attn
     torch.manual_seed(0)
     model, processor, tokenizer = load_model(args, attn, checkpointing, plain=plain)
     base = model.base_model.model if "lora" in STAGES[args.stage] else model
-    n_img = num_image_tokens(processor)
+    n_img = fixed_image_token_count(processor)
     template = STAGES[args.stage]["template"]
     examples, too_long = encode_examples(
         source.draw(args.batch * (args.steps + 2)), processor, template, n_img, base.config.image_token_index,

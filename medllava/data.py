@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medllava.loss import supervised_positions
-from medllava.model import num_image_tokens
+from medllava.families import image_inputs, max_image_tokens, pad_and_concat, processor_family
 from medllava.records import image_paths
 from medllava.templates import DEFAULT_TEMPLATE, IGNORE_INDEX, TooLongError, UnusableConversation, encode_conversation
 
@@ -37,12 +37,15 @@ class Encoder:
     image_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        self.n_image_tokens = num_image_tokens(self.processor)
+        self.family = processor_family(self.processor)
+        # Every image's token count in a fixed-resolution family; in a grid family, the most any image can take.
+        self.n_image_tokens = max_image_tokens(self.processor)
 
     def __call__(self, record: dict) -> dict:
         """Return `input_ids`, `attention_mask`, `labels` (lists, length T), and for a record with
-        images `pixel_values` (tensor `(n_images, 3, H, W)`) and `image_keys` (each image's path, the
-        key under which its vision features may be cached)."""
+        images `pixel_values` (tensor `(n_images, 3, H, W)`; a grid family: `(n_images, tiles, 3, H, W)`
+        with `image_sizes`) and `image_keys` (each image's path, the key under which its vision features
+        may be cached)."""
         from medllava.images import ImageLoadError, load_image
 
         # Under an image root, a path that a symlink leads out of it is refused, as `../` is.
@@ -57,16 +60,18 @@ class Encoder:
                 images.append(load_image(path, **options))
             except (ImageLoadError, OSError, ValueError) as e:
                 raise SkipExample("unreadable image", f"{path} ({e})") from None
+        pixels, counts = image_inputs(self.processor, images) if images else ({}, [])
         try:
             enc = encode_conversation(
-                record["conversations"], self.processor, self.template, self.n_image_tokens, max_length=self.max_length,
+                record["conversations"], self.processor, self.template,
+                self.n_image_tokens if self.family.fixed_image_tokens else counts, max_length=self.max_length,
             )
         except TooLongError as e:
             raise SkipExample("too long", f"record {record['id']}: {e}") from None
         except UnusableConversation as e:
             raise SkipExample("unusable conversation", f"record {record['id']}: {e}") from None
         if images:
-            enc["pixel_values"] = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+            enc.update(pixels)
             enc["image_keys"] = keys
         return enc
 
@@ -95,7 +100,8 @@ class EncodedDataset:
 
     def lengths(self, chunk: int = 1000) -> list[int]:
         """Approximate token length of every example, without reading images: the tokenizer's count
-        of the conversation text, each `<image>` counted as the image tokens it expands to. Template
+        of the conversation text, each `<image>` counted as the image tokens it expands to (in a grid
+        family, the most it can expand to, so the estimate never falls short). Template
         words are left out (about the same for every example), so the counts rank examples by length,
         which is all length-grouped batching needs."""
         from tqdm import tqdm
@@ -122,7 +128,8 @@ class Collator:
     """Pads a list of encoded examples into a batch, dropping skipped ones.
 
     Batch: `input_ids`, `attention_mask`, `labels` `(B, T)`; `pixel_values` `(N_images, 3, H, W)` in
-    the order the `<image>` tokens appear; `example_ids` (the kept examples' ids) and `skipped`
+    the order the `<image>` tokens appear (a grid family: `(N_images, tiles, 3, H, W)`, tiles zero-padded
+    to the batch's most, with `image_sizes` `(N_images, 2)`); `example_ids` (the kept examples' ids) and `skipped`
     (`(reason, detail)` of the dropped ones), which travel with the batch so that counts survive
     dataloader worker processes. Pop those two before calling the model.
     """
@@ -148,9 +155,10 @@ class Collator:
         if not kept:
             return {"input_ids": torch.empty(0, 0, dtype=torch.long), "example_ids": [], "skipped": skipped}
         out = self._packed(kept) if self.pack else self._padded(kept)
-        pixels = [f["pixel_values"] for f in kept if "pixel_values" in f]
-        if pixels:
-            out["pixel_values"] = torch.cat(pixels, dim=0)
+        for key in ("pixel_values", "image_sizes"):
+            tensors = [f[key] for f in kept if key in f]
+            if tensors:
+                out[key] = pad_and_concat(tensors)
         if self.image_keys:
             out["image_keys"] = [key for f in kept for key in f.get("image_keys", [])]
         if self.sparse_logits:

@@ -1,8 +1,9 @@
-"""Model assembly on transformers' `LlavaForConditionalGeneration` and `AutoProcessor`.
+"""Model assembly on transformers' own classes (the family's, `medllava.families`) and `AutoProcessor`.
 
-`build_model(cfg)` loads a local llava-hf checkpoint folder or builds a named random-weight model.
-Weights load from safetensors only (never pickle), and remote code stays off unless asked for.
-`TRAINABLE` is the one table of what each curriculum stage trains.
+`build_model(cfg)` loads a local checkpoint folder of a supported family or builds a named random-weight
+model. Weights load from safetensors only (never pickle), and remote code stays off unless asked for.
+`TRAINABLE` is the one table of what each curriculum stage trains; a family's connector (the projector,
+and LLaVA-NeXT's `image_newline`) stands for `multi_modal_projector` in it.
 """
 
 from __future__ import annotations
@@ -11,27 +12,33 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from medllava.families import FAMILIES, Family, get_family, model_family
 from medllava.io import atomic_dir
 from medllava.tiny import TINY_SPECS, build_tiny
 
-# What each stage trains, by top-level module of LlavaForConditionalGeneration. Everything else is frozen.
+# What each stage trains, by top-level module. Everything else is frozen.
 TRAINABLE: dict[str, tuple[str, ...]] = {
     "align": ("multi_modal_projector",),
     "instruct": ("multi_modal_projector", "language_model", "lm_head"),
     "finetune": ("multi_modal_projector", "language_model", "lm_head"),
 }
-MODULES = ("vision_tower", "multi_modal_projector", "language_model", "lm_head")
+# model_types of the original LLaVA / LLaVA-Med layout that `medllava convert` reads (the original "llava"
+# shares its name with llava-hf's and is told apart by its files: see medllava.commands.original_layout).
+ORIGINAL_LAYOUTS = ("llava_llama", "llava_mistral")
+MODULES = FAMILIES["llava"].modules
+"""LLaVA-1.5's top-level modules; another family's are its `Family.modules`."""
 
 
 class CheckpointError(ValueError):
-    """A folder that is not a loadable llava-hf checkpoint."""
+    """A folder that is not a loadable checkpoint of a supported family."""
 
 
 @dataclass
 class ModelConfig:
     name_or_path: str = "tiny"
-    """A llava-hf checkpoint folder (config.json + *.safetensors + processor files), or a named
-    random-weight model: `tiny` (tests) or `small` (CPU demos)."""
+    """A checkpoint folder of a supported family (config.json + *.safetensors + processor files; see
+    medllava.families), or a named random-weight model: `tiny` (tests), `small` (CPU demos), `tiny-next`
+    (LLaVA-NeXT's tile grid on the tiny sizes)."""
 
     dtype: str = "float32"
     """Weight dtype: float32, bfloat16 or float16."""
@@ -55,36 +62,37 @@ def build_model(cfg: ModelConfig, quantize_4bit: bool = False):
     and bitsandbytes, and leaves the vision tower and projector unquantised.
     """
     dtype = _dtype(cfg.dtype)
-    quantization = _nf4_config(dtype) if quantize_4bit else None
     if cfg.name_or_path in TINY_SPECS:
-        if quantization is not None:
+        if quantize_4bit:
             raise ValueError("4-bit loading needs a checkpoint folder; save the named model first")
         model, processor = build_tiny(cfg.name_or_path, seed=cfg.seed)
         model.set_attn_implementation(cfg.attn_implementation)
         return model.to(dtype), processor
     path = Path(cfg.name_or_path)
-    check_checkpoint_dir(path)
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    family = check_checkpoint_dir(path)
+    import transformers
+    from transformers import AutoProcessor
 
-    model = LlavaForConditionalGeneration.from_pretrained(
+    model = getattr(transformers, family.model_class).from_pretrained(
         path,
         dtype=dtype,
         use_safetensors=True,
         trust_remote_code=cfg.trust_remote_code,
         attn_implementation=cfg.attn_implementation,
-        quantization_config=quantization,
+        quantization_config=_nf4_config(dtype, family) if quantize_4bit else None,
     )
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     return model.eval(), processor
 
 
-# Modules QLoRA keeps unquantised, as transformers 5 matches them: from the start of the full module name
-# (LlavaForConditionalGeneration holds model.vision_tower, model.multi_modal_projector, model.language_model
-# and lm_head), so a bare "vision_tower" would match nothing and the vision side would go to 4-bit.
-NF4_SKIP_MODULES = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
+def family_of(cfg: ModelConfig) -> Family:
+    """The family of the model `cfg` names, known before anything loads."""
+    if cfg.name_or_path in TINY_SPECS:
+        return get_family(TINY_SPECS[cfg.name_or_path].family)
+    return check_checkpoint_dir(Path(cfg.name_or_path))
 
 
-def _nf4_config(compute_dtype):
+def _nf4_config(compute_dtype, family: Family):
     """QLoRA's quantisation: NF4 with double quantisation, the vision side kept in full precision."""
     import importlib.util
 
@@ -101,7 +109,7 @@ def _nf4_config(compute_dtype):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
-        llm_int8_skip_modules=list(NF4_SKIP_MODULES),
+        llm_int8_skip_modules=list(family.nf4_skip),
     )
 
 
@@ -114,8 +122,8 @@ def _dtype(name: str):
     return table[name]
 
 
-def check_checkpoint_dir(path: Path) -> None:
-    """Raise CheckpointError unless `path` looks like a complete llava-hf checkpoint folder."""
+def check_checkpoint_dir(path: Path) -> Family:
+    """The family of the checkpoint folder `path`; CheckpointError unless it looks complete and loadable."""
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a folder (and not a named model: {', '.join(TINY_SPECS)})")
     if not (path / "config.json").is_file():
@@ -130,11 +138,13 @@ def check_checkpoint_dir(path: Path) -> None:
         model_type = json.loads((path / "config.json").read_text())["model_type"]
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"{path}/config.json: unreadable or without model_type ({e})") from None
-    if model_type != "llava":
-        raise CheckpointError(
-            f"{path}: model_type {model_type!r} is not a llava-hf checkpoint"
-            " (original LLaVA / LLaVA-Med layouts need converting to llava-hf format first)"
-        )
+    if model_type in ORIGINAL_LAYOUTS:
+        raise CheckpointError(f"{path}: model_type {model_type!r} is the original LLaVA layout; convert it to"
+                              " llava-hf format first (medllava convert)")
+    try:
+        return get_family(model_type, str(path))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def save_model(model, processor, out_dir: str | os.PathLike) -> Path:
@@ -147,51 +157,34 @@ def save_model(model, processor, out_dir: str | os.PathLike) -> Path:
     return Path(out_dir)
 
 
-def module_of(param_name: str) -> str:
-    """The top-level Llava module a parameter belongs to (one of MODULES)."""
+def module_of(param_name: str, modules: tuple[str, ...] = MODULES) -> str:
+    """The top-level module a parameter belongs to (one of `modules`, its family's)."""
     parts = param_name.split(".")
     for part in parts[:3]:
-        if part in MODULES:
+        if part in modules:
             return part
-    raise ValueError(f"parameter {param_name!r} is in none of {MODULES}")
+    raise ValueError(f"parameter {param_name!r} is in none of {modules}")
 
 
 def set_trainable(model, modules: tuple[str, ...] | list[str] | str) -> list[str]:
-    """Freeze every parameter except those in `modules` (names from MODULES, or a stage name).
+    """Freeze every parameter except those in `modules` (names from the model family's modules, or a
+    stage name: that stage's TRAINABLE entry, the family's connector for the projector).
 
     Returns the names of the trainable parameters.
     """
+    family = model_family(model)
     if isinstance(modules, str):
         if modules not in TRAINABLE:
             raise ValueError(f"unknown stage {modules!r}; choose one of {', '.join(TRAINABLE)}")
-        modules = TRAINABLE[modules]
-    unknown = set(modules) - set(MODULES)
+        modules = family.trainable(TRAINABLE[modules])
+    unknown = set(modules) - set(family.modules)
     if unknown:
-        raise ValueError(f"unknown modules {sorted(unknown)}; choose from {', '.join(MODULES)}")
+        raise ValueError(f"unknown modules {sorted(unknown)}; choose from {', '.join(family.modules)}")
     trainable = []
     for name, param in model.named_parameters():
         # 4-bit weights (QLoRA) are stored as integers: they cannot take gradients, adapters train instead.
-        param.requires_grad = module_of(name) in modules and (param.is_floating_point() or param.is_complex())
+        param.requires_grad = (module_of(name, family.modules) in modules
+                               and (param.is_floating_point() or param.is_complex()))
         if param.requires_grad:
             trainable.append(name)
     return trainable
-
-
-def num_image_tokens(processor) -> int:
-    """Image tokens one `<image>` expands to, computed as transformers' Llava processor does.
-
-    (H // patch) * (W // patch) patches of the processed image, plus the vision tower's extra tokens
-    (CLS), minus one when the `default` feature strategy drops CLS.
-    """
-    ip = processor.image_processor
-    crop = getattr(ip, "crop_size", None) if getattr(ip, "do_center_crop", False) else None
-    size = crop or ip.size
-    if "height" in size:
-        height, width = size["height"], size["width"]
-    else:
-        height = width = size["shortest_edge"]
-    n = (height // processor.patch_size) * (width // processor.patch_size)
-    n += processor.num_additional_image_tokens
-    if processor.vision_feature_select_strategy == "default":
-        n -= 1
-    return n

@@ -16,7 +16,7 @@ template `convert` writes into a checkpoint for it. Adding a template is one ent
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from medllava.records import HUMAN, IMAGE_PLACEHOLDER
@@ -256,18 +256,30 @@ def _render_chat_template(turns, processor, image_text, add_generation_prompt) -
     return _expand_images(full, spans, image_text)
 
 
-def _expand_images(text: str, spans: list[tuple[int, int]], image_text: str) -> Rendered:
-    """Replace each `<image>` in `text` by `image_text`, moving the spans that follow it."""
-    if image_text == IMAGE_PLACEHOLDER:
-        return Rendered(text, spans)
-    grow = len(image_text) - len(IMAGE_PLACEHOLDER)
+def _expand_images(text: str, spans: list[tuple[int, int]], image_text: str | Sequence[str]) -> Rendered:
+    """Replace each `<image>` in `text` by `image_text` (or the i-th one by `image_text[i]`), moving the
+    spans that follow it."""
     positions = []
     start = text.find(IMAGE_PLACEHOLDER)
     while start != -1:
         positions.append(start)
         start = text.find(IMAGE_PLACEHOLDER, start + len(IMAGE_PLACEHOLDER))
-    shifted = [(a + grow * sum(p < a for p in positions), b + grow * sum(p < b for p in positions)) for a, b in spans]
-    return Rendered(text.replace(IMAGE_PLACEHOLDER, image_text), shifted)
+    texts = [image_text] * len(positions) if isinstance(image_text, str) else list(image_text)
+    if len(texts) != len(positions):
+        raise ValueError(f"{len(positions)} {IMAGE_PLACEHOLDER} placeholders for {len(texts)} images")
+    if all(t == IMAGE_PLACEHOLDER for t in texts):
+        return Rendered(text, spans)
+    grows = [len(t) - len(IMAGE_PLACEHOLDER) for t in texts]
+
+    def shift(offset: int) -> int:
+        return offset + sum(g for p, g in zip(positions, grows) if p < offset)
+
+    parts, last = [], 0
+    for p, t in zip(positions, texts):
+        parts += [text[last:p], t]
+        last = p + len(IMAGE_PLACEHOLDER)
+    parts.append(text[last:])
+    return Rendered("".join(parts), [(shift(a), shift(b)) for a, b in spans])
 
 
 class TooLongError(ValueError):
@@ -278,22 +290,26 @@ def encode_conversation(
     turns: list[dict],
     processor,
     template: str,
-    num_image_tokens: int,
+    num_image_tokens: int | Sequence[int],
     max_length: int | None = None,
     system: str | None = None,
 ) -> dict[str, list[int]]:
     """Turn a conversation into `input_ids`, `attention_mask` and `labels` (lists of length T).
 
-    Each `<image>` becomes `num_image_tokens` image tokens. Labels are the input ids on assistant
+    Each `<image>` becomes `num_image_tokens` image tokens (one count for every image, or the i-th
+    image's count for the i-th `<image>` where it depends on the image's size). Labels are the input ids on assistant
     tokens (end-of-turn token included) and -100 elsewhere; the model shifts them internally.
     Truncation cuts the end; a conversation whose image tokens or whole first reply would be cut
     raises TooLongError (training on a cut image or on no target teaches nothing).
     """
     tokenizer, image_token = processor.tokenizer, processor.image_token
-    rendered = render(
-        turns, template, eos=tokenizer.eos_token or "", image_text=image_token * num_image_tokens,
-        system=system, processor=processor,
-    )
+    if isinstance(num_image_tokens, int):
+        rendered = render(turns, template, eos=tokenizer.eos_token or "", image_text=image_token * num_image_tokens,
+                          system=system, processor=processor)
+    else:
+        placeheld = render(turns, template, eos=tokenizer.eos_token or "", system=system, processor=processor)
+        rendered = _expand_images(placeheld.text, placeheld.assistant_spans,
+                                  [image_token * n for n in num_image_tokens])
     enc = tokenizer(
         rendered.text, add_special_tokens=not get_template(template).writes_bos, return_offsets_mapping=True,
     )

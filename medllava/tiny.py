@@ -43,15 +43,22 @@ class TinySpec:
     patch_size: int
     max_positions: int
     init_std: float = 0.02
+    family: str = "llava"
+    """The architecture (medllava.families): llava, or llava_next with `grid` tiles."""
+    grid: tuple[tuple[int, int], ...] = ()
+    """LLaVA-NeXT's image_grid_pinpoints, (height, width) in pixels: multiples of image_size."""
 
 
 # `tiny` is for unit tests and the demo (16 image tokens); `small` learns something in minutes on a CPU
-# (64 image tokens). tiny's language model is initialised wider (std 1/sqrt(hidden)) so that, like a
+# (64 image tokens); `tiny-next` is `tiny` as LLaVA-NeXT, 16-px tiles in grids of up to 2x2 (36 to 88 image
+# tokens, by the image's shape). tiny's language model is initialised wider (std 1/sqrt(hidden)) so that, like a
 # pretrained model and unlike a 32-wide one at std 0.02, its frozen LM head can express confident
 # predictions: otherwise LoRA heads on it could never move its loss off ln(vocabulary).
 TINY_SPECS = {
     "tiny": TinySpec(512, 32, 2, 4, 2, 32, 2, 16, 4, 1024, init_std=32**-0.5),
     "small": TinySpec(2048, 128, 4, 4, 4, 64, 2, 64, 8, 2048),
+    "tiny-next": TinySpec(512, 32, 2, 4, 2, 32, 2, 16, 4, 1024, init_std=32**-0.5, family="llava_next",
+                          grid=((16, 32), (32, 16), (32, 32))),
 }
 
 
@@ -90,33 +97,49 @@ def build_tokenizer(vocab_size: int):
 def build_tiny(name: str, seed: int = 0):
     """Build `(model, processor)` for a named spec with random weights (seeded)."""
     import torch
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    import transformers
+
+    from medllava.families import get_family
 
     if name not in TINY_SPECS:
         raise ValueError(f"unknown named model {name!r}; choose one of {', '.join(TINY_SPECS)} or a checkpoint folder")
     spec = TINY_SPECS[name]
+    family = get_family(spec.family)
     tokenizer = build_tokenizer(spec.vocab_size)
-    size = spec.image_size
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, do_center_crop=True
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
+    processor = getattr(transformers, family.processor_class)(
+        image_processor=_image_processor(spec),
         tokenizer=tokenizer,
         patch_size=spec.patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,
     )
-    n_image_tokens = (size // spec.patch_size) ** 2
-    config = LlavaConfig(
+    config = getattr(transformers, family.model_class).config_class(**_config_fields(spec, tokenizer))
+    torch.manual_seed(seed)
+    model = getattr(transformers, family.model_class)(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model.eval(), processor
+
+
+def _image_processor(spec: TinySpec):
+    """CLIP's preprocessing at the spec's size; with a grid, LLaVA-NeXT's tiling on top of it."""
+    from transformers import CLIPImageProcessor, LlavaNextImageProcessor
+
+    size = spec.image_size
+    common = {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}, "do_center_crop": True}
+    if spec.grid:
+        return LlavaNextImageProcessor(**common, image_grid_pinpoints=[list(hw) for hw in spec.grid])
+    return CLIPImageProcessor(**common)
+
+
+def _config_fields(spec: TinySpec, tokenizer) -> dict:
+    """The model config of the spec: a CLIP tower, a LLaMA language model and the family's own fields."""
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    size = spec.image_size
+    fields = dict(
         vision_config=CLIPVisionConfig(
             hidden_size=spec.vision_hidden,
             intermediate_size=spec.vision_hidden * 2,
@@ -140,17 +163,15 @@ def build_tiny(name: str, seed: int = 0):
             pad_token_id=tokenizer.pad_token_id,
         ),
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
-        image_seq_length=n_image_tokens,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    return model.eval(), processor
+    if spec.grid:
+        fields["image_grid_pinpoints"] = [list(hw) for hw in spec.grid]
+    else:
+        fields["image_seq_length"] = (size // spec.patch_size) ** 2
+    return fields
 
 
 def demo_data() -> tuple[Path, Path]:

@@ -311,15 +311,16 @@ def test_a_template_the_registry_does_not_know_is_refused_before_any_training(tm
     assert not (tmp_path / "run" / "instruct" / "checkpoints").exists()
 
 
-def test_qlora_quantises_the_language_model_and_nothing_of_the_vision_side():
+@pytest.mark.parametrize("named", ["tiny", "tiny-next"])
+def test_qlora_quantises_the_language_model_and_nothing_of_the_vision_side(named):
     # transformers' own matcher, on every linear layer of the model: the skip list decides what goes to 4-bit.
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    from medllava.model import NF4_SKIP_MODULES
+    from medllava.families import model_family
 
-    model, _ = build_model(ModelConfig(name_or_path="tiny"))
+    model, _ = build_model(ModelConfig(name_or_path=named))
     linears = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    converted = {name for name in linears if should_convert_module(name, list(NF4_SKIP_MODULES))}
+    converted = {name for name in linears if should_convert_module(name, list(model_family(model).nf4_skip))}
     language = {name for name in linears if name.startswith("model.language_model.")}
     assert language and converted == language, sorted(set(linears) - language)[:3]
 

@@ -97,7 +97,8 @@ def one_thread():
 
 @pytest.mark.slow
 def test_tiny_model_trains_on_the_real_conversations_by_default(bench_train, tmp_path, capsys, one_thread):
-    from medllava.model import ModelConfig, build_model, num_image_tokens
+    from medllava.model import ModelConfig, build_model
+    from medllava.families import fixed_image_token_count
     from medllava.templates import encode_conversation
 
     out = tmp_path / "lora.json"
@@ -110,7 +111,7 @@ def test_tiny_model_trains_on_the_real_conversations_by_default(bench_train, tmp
     assert "teacher_conversations.jsonl" in printed and "min/median/max" in printed
     # The real conversations, encoded whole by the template code with the tiny tokenizer, give the lengths reported.
     _, processor = build_model(ModelConfig(name_or_path="tiny"))
-    n_img = num_image_tokens(processor)
+    n_img = fixed_image_token_count(processor)
     real = sorted(len(encode_conversation(r["conversations"], processor, "vicuna_v1", n_img)["input_ids"]) - n_img
                   for r in bench_train.source_for("instruct", None).records)
     whole = text["text_tokens_of_real_records"]

@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from medllava.commands.convert import ConvertError, convert, image_processor_kwargs, read_source, resolve_vision
 from medllava.commands.original_layout import ORIGINAL_TYPES
-from medllava.model import ModelConfig, build_model, num_image_tokens
+from medllava.model import ModelConfig, build_model
+from medllava.families import fixed_image_token_count
 from medllava.templates import TEMPLATES, render
 
 IMAGE_MARK = -200  # the original code's IMAGE_TOKEN_INDEX
@@ -185,7 +186,7 @@ def check_logits_agree(src, out, clip_dir, tmp_path, pad=True, image_size=(20, 1
 
     ids = batch["input_ids"][0].tolist()
     image_id = model.config.image_token_index
-    assert ids.count(image_id) == num_image_tokens(processor) == model.config.image_seq_length
+    assert ids.count(image_id) == fixed_image_token_count(processor) == model.config.image_seq_length
     collapsed = [t for i, t in enumerate(ids) if t != image_id or ids[i - 1] != image_id]
     collapsed = [IMAGE_MARK if t == image_id else t for t in collapsed]
     assert collapsed == original_ids(src, PROMPT)  # the text tokenises as the original code tokenised it
@@ -242,7 +243,7 @@ def test_linear_projector_tower_from_folder_without_pad(tokenizer_files, tmp_pat
     summary = convert(src, out, vision_tower=clip, dtype="float32")
     assert summary["vision_feature_select_strategy"] == "full" and not summary["pad_to_square"]
     processor = check_logits_agree(src, out, clip, tmp_path, pad=False)
-    assert num_image_tokens(processor) == 17  # 4x4 patches and CLS
+    assert fixed_image_token_count(processor) == 17  # 4x4 patches and CLS
 
 
 def test_every_template_an_original_checkpoint_uses_has_a_chat_template_to_write():

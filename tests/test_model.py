@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from medllava.families import fixed_image_token_count
 from medllava.model import (
-    MODULES, TRAINABLE, CheckpointError, ModelConfig, build_model, module_of, num_image_tokens, save_model,
-    set_trainable,
+    MODULES, TRAINABLE, CheckpointError, ModelConfig, build_model, module_of, save_model, set_trainable,
 )
 
 
@@ -24,7 +24,7 @@ def batch(processor):
 def test_tiny_model_shape(tiny):
     model, processor = tiny
     assert model.config.text_config.hidden_size == 32 and model.config.text_config.num_hidden_layers == 2
-    assert num_image_tokens(processor) == model.config.image_seq_length == 16
+    assert fixed_image_token_count(processor) == model.config.image_seq_length == 16
     assert model.config.image_token_index == processor.tokenizer.convert_tokens_to_ids("<image>")
 
 

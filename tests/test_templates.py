@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medllava.model import num_image_tokens
+from medllava.families import fixed_image_token_count
 from medllava.templates import (
     GENERATION_TEMPLATES, IGNORE_INDEX, TEMPLATES, TooLongError, encode_conversation, prompt_text, render,
     supervised_spans,
@@ -58,7 +58,7 @@ def test_every_label_span_decodes_to_exactly_the_assistant_text(tiny, template):
     _, processor = tiny
     tok = processor.tokenizer
     turns = TURNS[:2] if template == "plain" else TURNS
-    enc = encode_conversation(turns, processor, template, num_image_tokens(processor))
+    enc = encode_conversation(turns, processor, template, fixed_image_token_count(processor))
     assert len(enc["input_ids"]) == len(enc["labels"]) == len(enc["attention_mask"])
     spans = supervised_spans(enc["labels"])
     replies = [t["value"] for t in turns if t["from"] == "gpt"]
@@ -85,9 +85,9 @@ def test_every_token_after_the_generation_prompt_is_supervised(tiny, template, r
     _, processor = tiny
     tok = processor.tokenizer
     human = {"from": "human", "value": "<image>\nIs it normal?"}
-    enc = encode_conversation([human, {"from": "gpt", "value": reply}], processor, template, num_image_tokens(processor))
+    enc = encode_conversation([human, {"from": "gpt", "value": reply}], processor, template, fixed_image_token_count(processor))
     text = prompt_text("Is it normal?", template, processor)
-    prompt = tok(text.replace("<image>", processor.image_token * num_image_tokens(processor)),
+    prompt = tok(text.replace("<image>", processor.image_token * fixed_image_token_count(processor)),
                  add_special_tokens=template != "chat_template")["input_ids"]
     (a, b), = supervised_spans(enc["labels"])
     assert enc["input_ids"][:len(prompt)] == prompt and a == len(prompt)
@@ -96,7 +96,7 @@ def test_every_token_after_the_generation_prompt_is_supervised(tiny, template, r
 @pytest.mark.parametrize("template", ["vicuna_v1", "mistral_instruct", "chat_template"])
 def test_image_expansion_matches_the_transformers_processor(tiny, template):
     _, processor = tiny
-    n = num_image_tokens(processor)
+    n = fixed_image_token_count(processor)
     enc = encode_conversation(TURNS, processor, template, n)
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     assert enc["input_ids"].count(image_id) == n == 16
@@ -108,7 +108,7 @@ def test_image_expansion_matches_the_transformers_processor(tiny, template):
 
 def test_truncation_never_cuts_the_image_or_the_first_reply(tiny):
     _, processor = tiny
-    n = num_image_tokens(processor)
+    n = fixed_image_token_count(processor)
     full = encode_conversation(TURNS, processor, "vicuna_v1", n)
     first_end = supervised_spans(full["labels"])[0][1]
     cut = encode_conversation(TURNS, processor, "vicuna_v1", n, max_length=first_end + 2)

@@ -1,0 +1,196 @@
+"""Model families: the one table of what differs between the vision-language architectures medllava trains.
+
+Every command asks the family of its checkpoint (read from `config.json`'s `model_type`, or the named
+random-weight model's spec) instead of assuming LLaVA-1.5:
+
+- which transformers classes load it;
+- where its vision encoder, projector and language model live (the stage freeze table by top-level
+  module), and what stage 1 trains;
+- the decoder layers (`compile_layers`, activation checkpointing) and the LoRA target modules;
+- the modules QLoRA keeps unquantised;
+- how an image becomes tokens: a fixed count (LLaVA-1.5) or one that depends on the image's size (the
+  anyres grid of LLaVA-NeXT), and which processor outputs travel with `pixel_values` (`image_sizes`);
+- whether the stage-1 vision feature cache and packing apply, and why not where they do not;
+- the default conversation template.
+
+Adding a family is one entry in `FAMILIES` plus its tests.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from medllava.templates import DEFAULT_TEMPLATE
+
+
+@dataclass(frozen=True)
+class Family:
+    """One architecture, as every command needs to know it."""
+
+    model_type: str
+    """`config.json`'s model_type."""
+    model_class: str
+    """The transformers class that loads it."""
+    processor_class: str
+    """The transformers processor class that prepares its inputs."""
+    summary: str
+    """One line for errors and docs."""
+    modules: tuple[str, ...] = ("vision_tower", "multi_modal_projector", "language_model", "lm_head")
+    """Top-level modules, the names stage configs' `train_modules` use. A parameter belongs to the first
+    of them found among the first three parts of its name."""
+    connector: tuple[str, ...] = ("multi_modal_projector",)
+    """What stage 1 (alignment) trains: the modules between the vision encoder and the language model."""
+    nf4_skip: tuple[str, ...] = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
+    """Modules QLoRA keeps in full precision, as transformers matches them: from the start of the full
+    module name, so the vision side never goes to 4-bit."""
+    pixel_keys: tuple[str, ...] = ("pixel_values",)
+    """Processor outputs that describe the images of a batch, concatenated image by image."""
+    fixed_image_tokens: bool = True
+    """Every image becomes the same number of tokens (a fixed resolution); otherwise the count depends
+    on the image's size and is read from the processor's own expansion."""
+    feature_cache: str = ""
+    """Why the stage-1 vision feature cache does not apply; empty where it does."""
+    default_template: str = DEFAULT_TEMPLATE
+
+    def trainable(self, stage_modules: Sequence[str]) -> tuple[str, ...]:
+        """A stage's default modules with this family's connector standing for the projector."""
+        out: list[str] = []
+        for module in stage_modules:
+            for name in (self.connector if module == "multi_modal_projector" else (module,)):
+                if name not in out:
+                    out.append(name)
+        return tuple(out)
+
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (
+    Family("llava", "LlavaForConditionalGeneration", "LlavaProcessor",
+           "LLaVA-1.5 and LLaVA-Med: one fixed-resolution image, a CLIP tower and an MLP projector"),
+    Family("llava_next", "LlavaNextForConditionalGeneration", "LlavaNextProcessor",
+           "LLaVA-NeXT (LLaVA-1.6) and LLaVA-1.5-HD: the image as a grid of tiles plus a downsampled view",
+           modules=("vision_tower", "multi_modal_projector", "image_newline", "language_model", "lm_head"),
+           connector=("multi_modal_projector", "image_newline"),
+           pixel_keys=("pixel_values", "image_sizes"), fixed_image_tokens=False,
+           feature_cache="the vision feature cache stores one fixed-size feature map per image, and a "
+                         "LLaVA-NeXT image is a variable number of tiles"),
+)}
+"""Every supported family, by model_type."""
+
+
+class UnsupportedModelError(ValueError):
+    """A checkpoint whose architecture medllava does not train."""
+
+
+def get_family(model_type: str, where: str = "") -> Family:
+    """The family of `model_type`; an error naming `where` (the checkpoint) and the supported families."""
+    if model_type not in FAMILIES:
+        prefix = f"{where}: " if where else ""
+        raise UnsupportedModelError(
+            f"{prefix}model_type {model_type!r} is not supported; supported families: "
+            + "; ".join(f"{f.model_type} ({f.summary})" for f in FAMILIES.values()))
+    return FAMILIES[model_type]
+
+
+def checkpoint_family(path: str | Path) -> Family:
+    """The family of the checkpoint folder `path`, from its config.json."""
+    config = Path(path) / "config.json"
+    try:
+        model_type = json.loads(config.read_text())["model_type"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UnsupportedModelError(f"{config}: unreadable or without model_type ({e})") from None
+    return get_family(model_type, str(path))
+
+
+def model_family(model) -> Family:
+    """The family of a loaded model (a PEFT wrapper included)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return get_family(base.config.model_type)
+
+
+def processor_family(processor) -> Family:
+    """The family whose processor class `processor` is."""
+    name = type(processor).__name__
+    for family in FAMILIES.values():
+        if family.processor_class == name:
+            return family
+    raise UnsupportedModelError(f"processor {name} belongs to none of the supported families "
+                                f"({', '.join(FAMILIES)})")
+
+
+def fixed_image_token_count(processor) -> int:
+    """Image tokens one `<image>` expands to in a fixed-resolution family, as transformers' Llava
+    processor computes them: (H // patch) * (W // patch) patches of the processed image, plus the vision
+    tower's extra tokens (CLS), minus one when the `default` feature strategy drops CLS."""
+    ip = processor.image_processor
+    crop = getattr(ip, "crop_size", None) if getattr(ip, "do_center_crop", False) else None
+    size = crop or ip.size
+    if "height" in size:
+        height, width = size["height"], size["width"]
+    else:
+        height = width = size["shortest_edge"]
+    n = (height // processor.patch_size) * (width // processor.patch_size)
+    n += processor.num_additional_image_tokens
+    if processor.vision_feature_select_strategy == "default":
+        n -= 1
+    return n
+
+
+def max_image_tokens(processor) -> int:
+    """The most tokens one image can take: the fixed count, or in a grid family that of the image shape
+    that fills its largest grid."""
+    family = processor_family(processor)
+    if family.fixed_image_tokens:
+        return fixed_image_token_count(processor)
+    from PIL import Image
+
+    shapes = processor.image_processor.image_grid_pinpoints
+    return max(image_inputs(processor, [Image.new("RGB", (w, h))])[1][0] for h, w in shapes)
+
+
+def image_inputs(processor, images: list) -> tuple[dict, list[int]]:
+    """The model inputs that carry `images` (`pixel_values` and the family's other pixel keys, batched
+    image by image) and the number of tokens each image's `<image>` expands to.
+
+    A fixed-resolution family needs only the image processor. Otherwise the processor's own expansion
+    decides: it is run on a text holding one image token per image, and the tokens of each image are
+    counted there, so the counts are exactly what inference with this processor gives.
+    """
+    family = processor_family(processor)
+    if family.fixed_image_tokens:
+        pixels = processor.image_processor(images=images, return_tensors="pt")
+        return {"pixel_values": pixels["pixel_values"]}, [fixed_image_token_count(processor)] * len(images)
+    token = processor.image_token
+    batch = processor(text=["\n".join([token] * len(images))], images=images, return_tensors="pt")
+    counts = _runs(batch["input_ids"][0].tolist(), processor.tokenizer.convert_tokens_to_ids(token))
+    if len(counts) != len(images):
+        raise ValueError(f"the processor expanded {len(images)} images into {len(counts)} image-token runs")
+    return {key: batch[key] for key in family.pixel_keys}, counts
+
+
+def _runs(ids: list[int], token_id: int) -> list[int]:
+    """Lengths of the maximal runs of `token_id` in `ids`, in order."""
+    runs, length = [], 0
+    for i in [*ids, None]:
+        if i == token_id:
+            length += 1
+        elif length:
+            runs.append(length)
+            length = 0
+    return runs
+
+
+def pad_and_concat(tensors: list) -> object:
+    """Concatenate per-example image tensors along the first dimension, zero-padding the second (a grid
+    model's tile count) to the longest: the model reads each image's real tiles from `image_sizes`."""
+    import torch
+
+    if len({t.shape[1:] for t in tensors}) <= 1:
+        return torch.cat(tensors, dim=0)
+    longest = max(t.shape[1] for t in tensors)
+    padded = []
+    for t in tensors:
+        pad = t.new_zeros((t.shape[0], longest - t.shape[1], *t.shape[2:]))
+        padded.append(torch.cat([t, pad], dim=1))
+    return torch.cat(padded, dim=0)
