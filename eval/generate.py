@@ -6,7 +6,8 @@ placeholder, which the processor expands to the image's tokens.
 
 Batches are cut from the questions sorted by prompt length, longest first, so each batch
 pads little and a batch that does not fit in memory fails at the start of the run, not
-at the end. Padding is on the left: every row then ends at the last column, where
+at the end. (The sort is by text; in a grid family such as LLaVA-NeXT each image adds its
+own number of tokens, by its shape, which the sort does not see: see `medllava.families`.) Padding is on the left: every row then ends at the last column, where
 generation continues, and `generate` derives position ids from the attention mask, so a
 padded row gets the same greedy answer as the same question asked alone.
 """
@@ -18,6 +19,7 @@ import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from medllava.families import processor_family
 from medllava.images import ImageLoadError, load_image
 from medllava.question_styles import YES_NO, format_question
 from medllava.templates import DEFAULT_TEMPLATE, get_template, prompt_text
@@ -102,17 +104,26 @@ def left_padding(processor) -> Iterator[None]:
 
 
 def encode(processor, texts: Sequence[str], images: Sequence, device, dtype, add_special_tokens: bool = True):
-    """Left-padded model inputs: input_ids, attention_mask (batch, T); pixel_values (batch, 3, H, W).
+    """Left-padded model inputs for `texts[i]` asked about `images[i]`: input_ids, attention_mask (batch, T)
+    and the family's pixel inputs (`medllava.families`): pixel_values (batch, 3, H, W), or in a grid
+    family (batch, tiles, 3, H, W) with image_sizes (batch, 2), tiles zero-padded to the batch's most.
 
-    `add_special_tokens=False` for prompts that already hold their BOS (Jinja chat templates).
+    The processor expands each `<image>` to its image's own token count, so rows of a grid family differ
+    in length by their images, and the left padding absorbs that too. Float pixel inputs are cast to
+    `dtype`; integer ones (image_sizes) keep theirs. `add_special_tokens=False` for prompts that already
+    hold their BOS (Jinja chat templates).
     """
+    import torch
+
     if len(texts) != len(images):
         raise ValueError(f"{len(texts)} prompts but {len(images)} images")
     with left_padding(processor):
         batch = processor(text=list(texts), images=list(images), padding=True, return_tensors="pt",
                           add_special_tokens=add_special_tokens)
     batch = batch.to(device)
-    batch["pixel_values"] = batch["pixel_values"].to(dtype)
+    for key in processor_family(processor).pixel_keys:
+        if torch.is_floating_point(batch[key]):
+            batch[key] = batch[key].to(dtype)
     return batch
 
 

@@ -49,7 +49,9 @@ def reply_token_count(tokenizer, prompt: str, full: str, add_special_tokens: boo
 def sequence_log_likelihoods(model, batch, reply_lengths: Sequence[int]) -> list[float]:
     """Sum of log p(token) over the last `reply_lengths[j]` tokens of each left-padded row j.
 
-    batch: input_ids, attention_mask (rows, T), pixel_values (rows, 3, H, W).
+    batch: input_ids, attention_mask (rows, T) and one image per row in the family's pixel inputs
+    (`medllava.eval.generate.encode`: pixel_values (rows, 3, H, W), or (rows, tiles, 3, H, W) with
+    image_sizes (rows, 2) in a grid family).
     """
     import torch
 
@@ -74,7 +76,9 @@ def score_candidates(model, processor, questions: Sequence[str], images: Sequenc
     """For each question, {candidate: total log-likelihood of answering it}, in one forward pass.
 
     `questions[i]` is the human-turn text (no image placeholder), asked about `images[i]`
-    with candidate answers `candidates[i]`.
+    with candidate answers `candidates[i]`. Every candidate is one row holding its question's image,
+    so the processor builds each row's pixel inputs (and, in a grid family, its image-token count)
+    exactly as for that question asked alone.
     """
     tok = processor.tokenizer
     add_special = not get_template(template).writes_bos

@@ -35,8 +35,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from medllava.families import FAMILIES
 from medllava.question_styles import PROMPT_STYLES
 from medllava.templates import DEFAULT_TEMPLATE, GENERATION_TEMPLATES
+from medllava.tiny import TINY_SPECS
 
 from medllava.eval.options import add_task_options
 
@@ -69,14 +71,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--task", required=True, choices=list(TASKS), help="benchmark task")
     p.add_argument("--root", required=True, type=Path, help="dataset folder")
-    p.add_argument("--model", required=True, help="llava-hf checkpoint folder, or a named random model (tiny, small)")
+    p.add_argument("--model", required=True,
+                   help=f"checkpoint folder of a supported family ({', '.join(FAMILIES)}: medllava.families), or a "
+                        f"named random model ({', '.join(TINY_SPECS)})")
     p.add_argument("--head", action="extend", nargs="+", type=Path, default=[], metavar="DIR",
                    help="task head folder(s); several are evaluated in turn on one base")
     p.add_argument("--split", default="test", help="split to answer (default: test)")
     p.add_argument("--prompt-style", choices=PROMPT_STYLES,
                    help=f"question style (default: the head's, else {DEFAULT_STYLE})")
     p.add_argument("--template", choices=GENERATION_TEMPLATES,
-                   help=f"conversation template (default: the head's, else {DEFAULT_TEMPLATE})")
+                   help=f"conversation template (default: the head's, else the model family's: {DEFAULT_TEMPLATE} "
+                        "for llava)")
     p.add_argument("--batch-size", type=int, default=8, help="questions per batch (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest generated answer in tokens (default 128)")
     p.add_argument("--closed-scoring", choices=CLOSED_SCORING, default="generate",
@@ -112,11 +117,13 @@ class RunStats:
                 "questions_per_second": round(qps, 3) if qps else None, "skipped_images": self.skipped_images}
 
 
-def resolve_asking(template: str | None, prompt_style: str | None, info: HeadInfo | None = None) -> Asking:
-    """The head's settings (or the defaults), with the flags that were given on top."""
+def resolve_asking(template: str | None, prompt_style: str | None, info: HeadInfo | None = None,
+                   default_template: str = DEFAULT_TEMPLATE) -> Asking:
+    """The head's settings (or the defaults: `default_template` is the model family's), with the flags
+    that were given on top."""
     from medllava.eval.generate import Asking
 
-    values = {"template": DEFAULT_TEMPLATE, "prompt_style": DEFAULT_STYLE}
+    values = {"template": default_template, "prompt_style": DEFAULT_STYLE}
     options = tuple(info.closed_options) if info else Asking().closed_options
     if info:
         values = {"template": info.template, "prompt_style": info.prompt_style}
@@ -241,16 +248,18 @@ def run(args: argparse.Namespace) -> int:
 def _run_locked(args: argparse.Namespace, task: Task, examples: Sequence[Example], out: Path, device: str,
                 dtype: str) -> int:
     """The rest of `run`, while this process holds the lock of `out`."""
+    from medllava.families import model_family
     from medllava.heads import load_with_heads, use_head
     from medllava.model import ModelConfig
 
     # The base is loaded once; each head is switched on in turn (heads share the base's weights).
     model, processor, infos = load_with_heads(ModelConfig(name_or_path=args.model, dtype=dtype), args.head)
     model.to(device)
+    default_template = model_family(model).default_template
     for name in list(infos) or [None]:
         if name is not None:
             use_head(model, name)
-        asking = resolve_asking(args.template, args.prompt_style, infos.get(name))
+        asking = resolve_asking(args.template, args.prompt_style, infos.get(name), default_template)
         settings = {"task": task.name, "split": task.split, "model": _model_id(args.model), "head": name,
                     **asdict(asking), "closed_options": list(asking.closed_options),
                     "closed_scoring": args.closed_scoring, "max_new_tokens": args.max_new_tokens, "dtype": dtype}

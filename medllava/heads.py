@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from medllava.io import atomic_write_json
-from medllava.model import ModelConfig, build_model
+from medllava.families import Family
+from medllava.model import ModelConfig, build_model, family_of
 from medllava.question_styles import PROMPT_STYLES
 from medllava.templates import DEFAULT_TEMPLATE, TEMPLATES
 
@@ -125,6 +126,9 @@ def load_with_heads(base: ModelConfig, heads: list[str | Path]):
         if name in infos:
             raise HeadError(f"two heads named {name!r}: give head folders distinct names")
         infos[name] = read_head_info(folder)
+    family = family_of(base)
+    for folder in heads:
+        check_head_family(Path(folder), family)
     model, processor = build_model(base)
     if not heads:
         return model, processor, infos
@@ -137,6 +141,26 @@ def load_with_heads(base: ModelConfig, heads: list[str | Path]):
             model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
     model.set_adapter(next(iter(infos)))
     return model.eval(), processor, infos
+
+
+def check_head_family(folder: Path, family: Family) -> None:
+    """Refuse a head whose adapter was trained on another family's model class than `family`'s.
+
+    PEFT records the class of the model it wrapped (`auto_mapping.base_model_class` in
+    adapter_config.json). LLaVA-1.5 and LLaVA-NeXT share module names, so a head trained on one would
+    load onto the other without an error and answer with the wrong projector; an adapter config that
+    does not record the class is let through.
+    """
+    path = folder / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise HeadError(f"{path}: not valid JSON ({e})") from None
+    mapping = config.get("auto_mapping") if isinstance(config, dict) else None
+    trained_on = mapping.get("base_model_class") if isinstance(mapping, dict) else None
+    if trained_on and trained_on != family.model_class:
+        raise HeadError(f"{path}: the head was trained on a {trained_on} base, but the base model is "
+                        f"{family.model_type} ({family.model_class}); load it onto the family it was trained on")
 
 
 def use_head(model, name: str) -> None:

@@ -20,8 +20,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from medllava.families import FAMILIES
 from medllava.question_styles import PROMPT_STYLES
 from medllava.templates import DEFAULT_TEMPLATE, GENERATION_TEMPLATES
+from medllava.tiny import TINY_SPECS
 
 DEFAULT_MAX_NEW_TOKENS = 64
 
@@ -33,20 +35,23 @@ def register(subparsers) -> None:
         description=__doc__.split("\n\n")[0],
     )
     p.add_argument("--model", required=True,
-                   help="llava-hf checkpoint folder (a full head works too) or a named model")
+                   help=f"checkpoint folder of a supported family ({', '.join(FAMILIES)}; a full head works too) or a "
+                        f"named model ({', '.join(TINY_SPECS)})")
     p.add_argument("--head", type=Path, help="head folder (LoRA adapter + head.json) to load onto --model")
     p.add_argument("--image", required=True, type=Path,
                    help="image file (PNG, JPEG, DICOM, ...) or DICOM series folder")
     p.add_argument("--question", required=True, help="the question")
     p.add_argument("--closed", action="store_true", help="a closed question: ask it in the head's closed-question form")
     p.add_argument("--template", choices=GENERATION_TEMPLATES,
-                   help=f"conversation template (default: the head's, else {DEFAULT_TEMPLATE})")
+                   help=f"conversation template (default: the head's, else the model family's: {DEFAULT_TEMPLATE} "
+                        "for llava)")
     p.add_argument("--prompt-style", choices=PROMPT_STYLES, help="question style (default: the head's, else plain)")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="answer length limit in tokens")
     p.set_defaults(func=run_chat)
 
 
 def run_chat(args: argparse.Namespace) -> int:
+    from medllava.families import model_family
     from medllava.heads import HEAD_FILE, HeadInfo, load_with_heads
     from medllava.model import ModelConfig
     from medllava.question_styles import format_question
@@ -56,7 +61,7 @@ def run_chat(args: argparse.Namespace) -> int:
     info = next(iter(infos.values()), None)
     if info is None and (Path(args.model) / HEAD_FILE).is_file():
         info = read_full_head_info(Path(args.model))  # a full-checkpoint head carries head.json itself
-    info = info or HeadInfo(task="", prompt_style="plain")
+    info = info or HeadInfo(task="", template=model_family(model).default_template, prompt_style="plain")
     template = args.template or info.template
     style = args.prompt_style or info.prompt_style
     question = format_question(args.question, style, "closed" if args.closed else "open", tuple(info.closed_options))

@@ -1,0 +1,261 @@
+"""LLaVA-NeXT (the `llava_next` family) through `eval run`, `chat` and `check` on the tiny-next random model:
+batched answers and likelihood scores equal to one question asked alone, though each image takes its own
+number of tokens; a folder written by transformers' own `save_pretrained` answering the demo VQA-RAD
+subset, a DICOM in `chat`, and `check` stating the image-token budget; label spans exact; heads refused
+on another family's base."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+from pydicom.data import get_testdata_file
+from transformers import LlavaNextForConditionalGeneration
+
+from medllava.cli import main
+from medllava.commands import chat
+from medllava.data import Collator, Encoder
+from medllava.families import image_inputs, max_image_tokens
+from medllava.heads import HeadError, HeadInfo, load_with_heads
+from medllava.images import load_image
+from medllava.model import ModelConfig, build_model
+from medllava.templates import IGNORE_INDEX, TEMPLATES, prompt_text, supervised_spans
+from medllava.tiny import demo_data
+
+from medllava.eval.generate import Asking, encode, ensure_pad_token, generate_answers, greedy_config, prompt_for
+from medllava.eval.likelihood import best, reply_text, score_candidates
+from medllava.eval.tasks import load_task
+from random_heads import make_head
+
+DEMO_VQA_RAD = demo_data()[1].parent / "vqa_rad"
+CT = get_testdata_file("CT_small.dcm")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model's matrices are too small to share out between threads (see test_eval_run.py)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_next():
+    """(model, processor) of the `tiny-next` named model, float32 on the CPU."""
+    model, processor = build_model(ModelConfig(name_or_path="tiny-next"))
+    ensure_pad_token(processor)
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def hub_folder(tmp_path_factory, tiny_next):
+    """tiny-next written by transformers itself (model.save_pretrained + processor.save_pretrained), as a
+    LLaVA-NeXT checkpoint from the hub is laid out: a folder medllava did not make."""
+    model, processor = tiny_next
+    folder = tmp_path_factory.mktemp("hub") / "tiny-llava-next-hf"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def demo_task():
+    return load_task("vqa-rad", DEMO_VQA_RAD)
+
+
+def shaped_examples(task, processor, n: int) -> tuple[list, list]:
+    """`n` demo questions whose real images take different numbers of image tokens, and those images."""
+    picked, images, counts = [], [], set()
+    for ex in task.examples:
+        image = load_image(task.image_path(ex))
+        count = image_inputs(processor, [image])[1][0]
+        if count not in counts or len(counts) >= 3:
+            picked.append(ex)
+            images.append(image)
+            counts.add(count)
+        if len(picked) == n:
+            break
+    assert len(counts) >= 2, "the demo images should take different numbers of tokens"
+    return picked, images
+
+
+def test_batched_answers_equal_one_at_a_time(tiny_next, demo_task):
+    model, processor = tiny_next
+    examples, images = shaped_examples(demo_task, processor, 4)
+    prompts = [prompt_for(ex, Asking(), processor) for ex in examples]
+    batch = encode(processor, prompts, images, "cpu", torch.float32)
+    assert batch["pixel_values"].dim() == 5 and batch["image_sizes"].tolist() == [[im.height, im.width] for im in images]
+    batched = generate_answers(model, processor, prompts, images, max_new_tokens=6)
+    alone = [generate_answers(model, processor, [p], [im], max_new_tokens=6)[0] for p, im in zip(prompts, images)]
+    assert batched == alone
+    # Not only the argmax: the first step's scores match those of each question asked alone.
+    config = greedy_config(model, processor, 2)
+    config.output_scores, config.return_dict_in_generate = True, True
+    with torch.inference_mode():
+        together = model.generate(**batch, generation_config=config)
+        for i in range(len(prompts)):
+            single = model.generate(**encode(processor, prompts[i:i + 1], images[i:i + 1], "cpu", torch.float32),
+                                    generation_config=config)
+            assert torch.allclose(together.scores[0][i], single.scores[0][0], atol=1e-4)
+
+
+def direct_log_likelihood(model, processor, question, image, answer, template) -> float:
+    """log p(reply | prompt, image) from one unpadded forward pass over the whole sequence."""
+    prompt = prompt_text(question, template, processor)
+    add = template != "chat_template"
+    n_prompt = processor(text=prompt, images=image, return_tensors="pt", add_special_tokens=add)["input_ids"].shape[1]
+    full = processor(text=prompt + reply_text(question, answer, template, processor), images=image,
+                     return_tensors="pt", add_special_tokens=add)
+    with torch.no_grad():
+        logp = model(**full).logits[0].log_softmax(-1)
+    ids = full["input_ids"][0]
+    return sum(logp[i - 1, ids[i]].item() for i in range(n_prompt, len(ids)))
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "chat_template"])
+def test_likelihood_scores_match_a_direct_unpadded_computation(tiny_next, demo_task, template):
+    model, processor = tiny_next
+    examples, images = shaped_examples(demo_task, processor, 3)
+    questions = [ex.question for ex in examples]
+    candidates = [["yes", "no"], ["CT", "MRI", "ultrasound"], ["yes", "no"]]
+    calls = []
+    hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        scores = score_candidates(model, processor, questions, images, candidates, template)
+    finally:
+        hook.remove()
+    assert len(calls) == 1  # all seven candidate rows, each with its question's image, in one forward pass
+    for q, im, options, got in zip(questions, images, candidates, scores):
+        direct = {c: direct_log_likelihood(model, processor, q, im, c, template) for c in options}
+        assert list(got) == options
+        assert all(math.isclose(got[c], direct[c], abs_tol=1e-3) for c in options), (got, direct)
+        assert best(got) == max(direct, key=direct.get)
+
+
+def test_eval_run_on_a_hub_layout_folder(hub_folder, tiny_next, demo_task, tmp_path, monkeypatch):
+    seen = []
+    original = LlavaNextForConditionalGeneration.generate
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs["image_sizes"].shape[0])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlavaNextForConditionalGeneration, "generate", spy)
+    out = tmp_path / "run"
+    assert main(["eval", "run", "--task", "vqa-rad", "--root", str(DEMO_VQA_RAD), "--model", str(hub_folder),
+                 "--out", str(out), "--limit", "8", "--batch-size", "4", "--max-new-tokens", "3",
+                 "--closed-scoring", "likelihood"]) == 0
+    preds = {r["qid"]: r for r in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())}
+    assert len(preds) == 8
+    by_likelihood = [r for r in preds.values() if r["scoring"] == "likelihood"]
+    generated = [r for r in preds.values() if r["scoring"] == "generate"]
+    assert by_likelihood and generated and sum(seen) == len(generated)
+    assert all(r["prediction"] == best(r["scores"]) for r in by_likelihood)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 8 and metrics["run"]["template"] == "vicuna_v1"
+    assert (out / "report.md").is_file()
+    # The folder holds tiny-next's weights: its answers are the in-memory model's.
+    model, processor = tiny_next
+    first = next(ex for ex in demo_task.examples if ex.qid in {r["qid"] for r in generated})
+    image = load_image(demo_task.image_path(first))
+    (direct,) = generate_answers(model, processor, [prompt_for(first, Asking(), processor)], [image], 3)
+    assert preds[first.qid]["prediction"] == direct
+
+
+def test_chat_on_a_hub_layout_folder_with_a_dicom_image(hub_folder, tiny_next, capsys):
+    parser = argparse.ArgumentParser()
+    chat.register(parser.add_subparsers())
+    args = parser.parse_args(["chat", "--model", str(hub_folder), "--image", CT, "--question", "Is there a mass?",
+                              "--max-new-tokens", "6"])
+    assert chat.run_chat(args) == 0
+    printed = capsys.readouterr().out.strip()
+    model, processor = tiny_next
+    (expected,) = chat.answer_batch(model, processor, [load_image(CT)], ["Is there a mass?"], "vicuna_v1", 6)
+    assert printed == expected and printed
+
+
+def test_check_states_the_image_token_budget_per_example(hub_folder, tiny_next, tmp_path, capsys):
+    report = tmp_path / "r.json"
+    assert main(["check", "--model", str(hub_folder), "--report", str(report)]) == 0
+    budget = json.loads(report.read_text())["image_tokens"]
+    # Independently: the processor's own expansion of each demo image (128 px wide, 76 to 128 px tall).
+    _, processor = tiny_next
+    data, root = demo_data()
+    images = [load_image(root / json.loads(line)["image"]) for line in data.read_text().splitlines()]
+    counts = sorted(image_inputs(processor, [im])[1][0] for im in images)
+    assert (budget["min"], budget["max"]) == (counts[0], counts[-1]) and counts[0] < counts[-1]
+    assert budget["depends_on_image_shape"] is True and budget["max_per_image"] == max_image_tokens(processor)
+    out = capsys.readouterr().out
+    assert (f"images    min {counts[0]}, median {budget['median']}, max {counts[-1]} image tokens per example; "
+            f"per image by its shape, at most {max_image_tokens(processor)}") in out
+    # LLaVA-1.5 states its fixed count, the other lines as before.
+    assert main(["check", "--limit", "3", "--report", str(report)]) == 0
+    assert json.loads(report.read_text())["image_tokens"] == {
+        "min": 16, "median": 16, "max": 16, "depends_on_image_shape": False, "max_per_image": 16}
+    out = capsys.readouterr().out
+    assert "images    min 16, median 16, max 16 image tokens per example; 16 per image (fixed)" in out
+    assert "records   3 read, 0 invalid, 3 usable" in out
+
+
+TURNS = [
+    {"from": "human", "value": "What is shown?\n<image>"},
+    {"from": "gpt", "value": "A chest X-ray with a right pleural effusion."},
+    {"from": "human", "value": "Is the heart enlarged?"},
+    {"from": "gpt", "value": "No"},
+]
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_every_label_span_decodes_to_exactly_the_assistant_text(tiny_next, template, tmp_path):
+    model, processor = tiny_next
+    tok = processor.tokenizer
+    turns = TURNS[:2] if template == "plain" else TURNS
+    replies = [t["value"] for t in turns if t["from"] == "gpt"]
+    # Real demo images, wide (128 x 76), square and cropped tall (40 x 105): three grid shapes.
+    _, root = demo_data()
+    shapes = {"wide": load_image(root / "synpic100132.jpg"), "square": load_image(root / "synpic100176.jpg"),
+              "tall": load_image(root / "synpic18651.jpg").crop((0, 0, 40, 105))}
+    for name, image in shapes.items():
+        image.save(tmp_path / f"{name}.png")
+    encoder = Encoder(processor, template=template, image_root=tmp_path)
+    image_id = tok.convert_tokens_to_ids(processor.image_token)
+    encoded, image_tokens = [], set()
+    for name, image in shapes.items():
+        enc = encoder({"id": name, "image": f"{name}.png", "conversations": turns})
+        n = enc["input_ids"].count(image_id)
+        assert n == image_inputs(processor, [image])[1][0]
+        image_tokens.add(n)
+        spans = supervised_spans(enc["labels"])
+        assert len(spans) == len(replies)
+        for (a, b), reply in zip(spans, replies):
+            ids = enc["input_ids"][a:b]
+            assert enc["labels"][a:b] == ids
+            decoded = tok.decode(ids, skip_special_tokens=False)
+            if template == "plain":
+                assert decoded == reply + "\n"
+            else:
+                assert decoded.strip() == reply + (" " if template == "mistral_instruct" else "") + tok.eos_token
+        supervised = {i for a, b in spans for i in range(a, b)}
+        assert all(lab == IGNORE_INDEX for i, lab in enumerate(enc["labels"]) if i not in supervised)
+        encoded.append(enc)
+    assert len(image_tokens) == 3  # the count depends on the image's shape
+    # The model agrees: it raises when a row's image tokens and its image's features differ in number.
+    batch = Collator(pad_token_id=tok.pad_token_id)(encoded)
+    for key in ("example_ids", "skipped"):
+        batch.pop(key)
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).loss)
+
+
+def test_a_head_loads_onto_the_family_it_was_trained_on_only(hub_folder, tiny_checkpoint, tmp_path):
+    next_head = make_head(hub_folder, tmp_path / "next_head", 1, HeadInfo(task="vqa-rad"))
+    model, _, infos = load_with_heads(ModelConfig(name_or_path=str(hub_folder)), [next_head])
+    assert list(infos) == ["next_head"] and type(model.get_base_model()) is LlavaNextForConditionalGeneration
+    # LLaVA-1.5 and LLaVA-NeXT share module names: without the check this head would load silently.
+    llava_head = make_head(tiny_checkpoint, tmp_path / "llava_head", 2, HeadInfo(task="vqa-rad"))
+    with pytest.raises(HeadError, match="trained on a LlavaForConditionalGeneration base.*llava_next"):
+        load_with_heads(ModelConfig(name_or_path=str(hub_folder)), [llava_head])
