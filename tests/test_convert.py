@@ -5,6 +5,11 @@ The reference forward below follows the original LLaVA code: CLIP hidden_states[
 dropped for `patch`, the mm_projector, image features spliced into the text embeddings where the
 prompt had `<image>`, then the Llama / Mistral causal LM. Images go through the original
 preprocessing (expand2square with the mean colour for `pad`, then the CLIP processor).
+
+For `image_aspect_ratio: anyres` (LLaVA-NeXT) the reference follows the original's mm_utils and
+llava_arch: the best grid of `image_grid_pinpoints` read as [width, height], the image resized into it
+and padded black, cut into tiles, a squashed base view in front; per tile features merged by
+`spatial_unpad` (grid unpadded to the image's aspect ratio, `model.image_newline` after every row).
 """
 
 from __future__ import annotations
@@ -73,8 +78,12 @@ def clip_folder(path: Path, seed: int, image_size: int = 16) -> Path:
 
 
 def write_original(path: Path, tokenizer_files: Path, family: str = "llama", projector: str = "mlp2x_gelu",
-                   vision_weights: Path | None = None, seed: int = 0, **overrides) -> Path:
-    """Write a tiny checkpoint in the original layout: flat config with mm_* fields, two safetensors shards."""
+                   vision_weights: Path | None = None, seed: int = 0, grid: list | None = None, **overrides) -> Path:
+    """Write a tiny checkpoint in the original layout: flat config with mm_* fields, two safetensors shards.
+
+    `grid` (image_grid_pinpoints, [width, height] pairs) makes it a LLaVA-NeXT one: anyres, spatial_unpad and
+    a `model.image_newline` tensor; `overrides` are applied after.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -89,6 +98,10 @@ def write_original(path: Path, tokenizer_files: Path, family: str = "llama", pro
     tensors.update({f"model.mm_projector.{k}": v for k, v in proj.state_dict().items()})
     if vision_weights is not None:
         tensors.update({VISION_PREFIX + k: v for k, v in load_file(vision_weights / "model.safetensors").items()})
+    anyres = {}
+    if grid is not None:
+        tensors["model.image_newline"] = torch.randn(32)
+        anyres = {"image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad", "image_grid_pinpoints": grid}
     # The fields of a released LLaVA-1.5 / LLaVA-Med v1.5 config.json.
     cfg = {"_name_or_path": "./checkpoints/base", "transformers_version": "4.36.2",
            "architectures": ["LlavaMistralForCausalLM" if family == "mistral" else "LlavaLlamaForCausalLM"],
@@ -99,7 +112,7 @@ def write_original(path: Path, tokenizer_files: Path, family: str = "llama", pro
            "mm_projector_lr": None, "mm_resampler_type": None, "mm_patch_merge_type": "flat",
            "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "mm_use_im_start_end": False,
            "mm_use_im_patch_token": False, "image_aspect_ratio": "pad", "use_mm_proj": True,
-           "tokenizer_model_max_length": 2048, "tokenizer_padding_side": "right", **overrides}
+           "tokenizer_model_max_length": 2048, "tokenizer_padding_side": "right", **anyres, **overrides}
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps(cfg))
     keys = sorted(tensors)
@@ -141,8 +154,57 @@ def original_ids(src: Path, prompt: str) -> list[int]:
     return tok(before).input_ids + [IMAGE_MARK] + tok(after, add_special_tokens=False).input_ids
 
 
-def reference_logits(src: Path, clip_dir: Path, ids: list[int], pixel_values, tmp_path: Path) -> torch.Tensor:
-    """The original LLaVA forward, from the original files."""
+def best_grid(image_size: tuple, grid: list) -> tuple:
+    """The original select_best_resolution: `image_size` and `grid` as (width, height); the most of the image
+    kept, then the least canvas wasted."""
+    w, h = image_size
+    def score(wh):
+        scale = min(wh[0] / w, wh[1] / h)
+        kept = min(int(w * scale) * int(h * scale), w * h)
+        return kept, -(wh[0] * wh[1] - kept)
+    return tuple(max(grid, key=score))  # max keeps the first of equals, as the original's strict comparisons
+
+
+def original_anyres_pixels(image: Image.Image, clip_dir: Path, grid: list) -> torch.Tensor:
+    """The original process_anyres_image: (1 + tiles, 3, side, side), the squashed base view first."""
+    import math
+
+    from transformers import CLIPImageProcessorPil
+
+    processor = CLIPImageProcessorPil.from_pretrained(clip_dir)
+    (w, h), (gw, gh) = image.size, best_grid(image.size, grid)
+    if gw / w < gh / h:
+        size = (gw, min(math.ceil(h * gw / w), gh))
+    else:
+        size = (min(math.ceil(w * gh / h), gw), gh)
+    canvas = Image.new("RGB", (gw, gh), (0, 0, 0))
+    canvas.paste(image.resize(size), ((gw - size[0]) // 2, (gh - size[1]) // 2))  # PIL's default resample
+    tile, side = processor.crop_size["height"], processor.size["shortest_edge"]
+    tiles = [canvas.crop((x, y, x + tile, y + tile)) for y in range(0, gh, tile) for x in range(0, gw, tile)]
+    views = [image.resize((side, side))] + tiles
+    return torch.stack([processor(images=v, return_tensors="pt")["pixel_values"][0] for v in views])
+
+
+def original_spatial_unpad(feats: torch.Tensor, image_size: tuple, grid: list, tile: int, newline) -> torch.Tensor:
+    """The original merge of anyres features (1 + tiles, side * side, hidden) into (tokens, hidden)."""
+    base, tiles = feats[0], feats[1:]
+    side = int(base.shape[0] ** 0.5)
+    gw, gh = (d // tile for d in best_grid(image_size, grid))
+    x = tiles.view(gh, gw, side, side, -1).permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)  # (hidden, H, W)
+    (w, h), (rows, cols) = image_size, x.shape[1:]
+    if w / h > cols / rows:
+        pad = (rows - int(h * (cols / w))) // 2
+        x = x[:, pad:rows - pad]
+    else:
+        pad = (cols - int(w * (rows / h))) // 2
+        x = x[:, :, pad:cols - pad]
+    x = torch.cat([x, newline[:, None, None].expand(*x.shape[:-1], 1)], dim=-1)
+    return torch.cat([base, x.flatten(1, 2).transpose(0, 1)])
+
+
+def reference_logits(src: Path, clip_dir: Path, ids: list[int], pixel_values, tmp_path: Path,
+                     image_size: tuple | None = None) -> torch.Tensor:
+    """The original LLaVA forward, from the original files; anyres needs the image's (width, height)."""
     from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionModel
 
     cfg = json.loads((src / "config.json").read_text())
@@ -150,9 +212,10 @@ def reference_logits(src: Path, clip_dir: Path, ids: list[int], pixel_values, tm
     for f in sorted(src.glob("*.safetensors")):
         tensors.update(load_file(f))
     saved_vision = {k[len(VISION_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(VISION_PREFIX)}
+    newline = tensors.pop("model.image_newline", None)  # built when the merge type unpads, read only by anyres
     if saved_vision:  # the original code loads the named tower, then the checkpoint's weights over it
         tower_dir = tmp_path / "saved_tower"
-        tower_dir.mkdir()
+        tower_dir.mkdir(exist_ok=True)
         save_file(saved_vision, tower_dir / "model.safetensors", metadata={"format": "pt"})
         (tower_dir / "config.json").write_bytes((clip_dir / "config.json").read_bytes())
     tower = CLIPVisionModel.from_pretrained(tower_dir if saved_vision else clip_dir).eval()
@@ -169,7 +232,11 @@ def reference_logits(src: Path, clip_dir: Path, ids: list[int], pixel_values, tm
         feats = tower(pixel_values, output_hidden_states=True).hidden_states[cfg["mm_vision_select_layer"]]
         if cfg["mm_vision_select_feature"] == "patch":
             feats = feats[:, 1:]
-        feats = proj(feats)[0]
+        if cfg["image_aspect_ratio"] == "anyres":
+            feats = original_spatial_unpad(proj(feats), image_size, cfg["image_grid_pinpoints"],
+                                           tower.config.image_size, newline)
+        else:
+            feats = proj(feats)[0]
         cut = ids.index(IMAGE_MARK)
         embed = lm.get_input_embeddings()
         pieces = [embed(torch.tensor(ids[:cut])), feats, embed(torch.tensor(ids[cut + 1:]))]
@@ -283,12 +350,137 @@ def test_refuses_pickle_only_checkpoint(tokenizer_files, tmp_path):
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("mm_use_im_start_end", True, "mm_use_im_start_end is true"),
     ("mm_projector_type", "mlp3x_gelu", "mm_projector_type 'mlp3x_gelu' cannot be represented"),
-    ("image_aspect_ratio", "anyres", "LLaVA-NeXT"),
 ])
 def test_refuses_what_llava_hf_cannot_represent(tokenizer_files, tmp_path, field, value, message):
     src = write_original(tmp_path / "src", tokenizer_files, **{field: value})
     with pytest.raises(ConvertError, match=message):
         convert(src, tmp_path / "hf")
+
+
+# Original image_grid_pinpoints, [width, height]: three tiles across, two down, or one; not symmetric, so
+# reading a pair the wrong way round picks another grid and the logits disagree.
+GRID = [[48, 16], [16, 32], [16, 16]]
+# (width, height) -> image tokens, by hand: base view 4x4 = 16, plus the unpadded grid with a newline per row.
+# 100x10 in 3x1 tiles: 12x4 features, unpadded to 12x2 -> 16 + 2 * 13; 10x40 in 1x2 tiles: 4x8, unpadded to
+# 2x8 -> 16 + 8 * 3; 10x10 in the base-resolution grid, one tile: 4x4, nothing to unpad -> 16 + 4 * 5.
+ANYRES_IMAGES = {(100, 10): 42, (10, 40): 40, (10, 10): 36}
+
+
+def random_image(width: int, height: int, seed: int = 3) -> Image.Image:
+    return Image.fromarray((np.random.RandomState(seed).rand(height, width, 3) * 255).astype("uint8"))
+
+
+def check_anyres_logits_agree(src: Path, out: Path, clip: Path, tmp_path: Path) -> None:
+    """One batch of ANYRES_IMAGES through the converted model; each row against the original forward."""
+    model, processor = build_model(ModelConfig(name_or_path=str(out)))
+    images = [random_image(w, h, seed) for seed, (w, h) in enumerate(ANYRES_IMAGES)]
+    batch = processor(text=[PROMPT] * len(images), images=images, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits
+    image_id = model.config.image_token_index
+    for row, (image, tokens) in enumerate(zip(images, ANYRES_IMAGES.values())):
+        pixels = original_anyres_pixels(image, clip, GRID)
+        assert torch.allclose(batch["pixel_values"][row, : len(pixels)], pixels, atol=1e-6), image.size
+        assert batch["image_sizes"][row].tolist() == [image.height, image.width]
+        keep = batch["attention_mask"][row].bool()
+        ids = batch["input_ids"][row][keep].tolist()
+        assert ids.count(image_id) == tokens, image.size
+        collapsed = [IMAGE_MARK if t == image_id else t for i, t in enumerate(ids)
+                     if t != image_id or ids[i - 1] != image_id]
+        assert collapsed == original_ids(src, PROMPT)
+        before = reference_logits(src, clip, collapsed, pixels, tmp_path, image.size)
+        after = logits[row][keep][:, : before.shape[1]]
+        assert after.shape == before.shape
+        assert torch.allclose(after, before, atol=1e-5), (image.size, (after - before).abs().max())
+
+
+def test_anyres_converts_to_llava_next(tokenizer_files, tmp_path):
+    clip = clip_folder(tmp_path / "clip", seed=1)
+    src = write_original(tmp_path / "src", tokenizer_files, vision_weights=clip, mm_vision_tower=str(clip), grid=GRID)
+    out = tmp_path / "hf"
+    summary = convert(src, out, dtype="float32")
+    assert summary["architecture"] == "llava_next" and not summary["pad_to_square"]
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llava_next"
+    assert config["image_grid_pinpoints"] == [[16, 48], [32, 16], [16, 16]]  # [height, width]
+    assert (config["vision_feature_layer"], config["vision_feature_select_strategy"]) == (-2, "default")
+    image_processor = json.loads((out / "processor_config.json").read_text())["image_processor"]
+    assert image_processor["image_grid_pinpoints"] == config["image_grid_pinpoints"]
+    assert image_processor["size"] == {"shortest_edge": 16} and image_processor["crop_size"] == {"height": 16, "width": 16}
+
+    # Every source tensor is in the loaded model, unchanged, under its llava-hf name (the LM's rows beyond the
+    # source vocabulary are the padding).
+    source = {k: v for f in src.glob("*.safetensors") for k, v in load_file(f).items()}
+    model, _ = build_model(ModelConfig(name_or_path=str(out)))
+    converted = model.state_dict()
+    renamed = {}
+    for key, value in source.items():
+        if key.startswith("model.mm_projector."):
+            index, param = key.split(".")[2:]
+            renamed[f"model.multi_modal_projector.linear_{1 + int(index) // 2}.{param}"] = value
+        elif key.startswith(VISION_PREFIX):
+            renamed["model.vision_tower." + key[len(VISION_PREFIX):].removeprefix("vision_model.")] = value
+        elif key == "model.image_newline" or key == "lm_head.weight":
+            renamed[key] = value
+        else:
+            renamed["model.language_model." + key[len("model."):]] = value
+    assert set(renamed) == set(converted)
+    for key, value in renamed.items():
+        assert torch.equal(converted[key][: len(value)], value), key
+
+    check_anyres_logits_agree(src, out, clip, tmp_path)
+
+
+def test_pad_with_an_unpadding_merge_type_stays_llava(tokenizer_files, tmp_path):
+    """Without anyres the original reads one image tensor and never mm_patch_merge_type: image_newline,
+    built because the merge type unpads, is never used and is dropped."""
+    clip = clip_folder(tmp_path / "clip", seed=1)
+    src = write_original(tmp_path / "src", tokenizer_files, vision_weights=clip, mm_vision_tower=str(clip),
+                         grid=GRID, image_aspect_ratio="pad")
+    out = tmp_path / "hf"
+    assert convert(src, out, dtype="float32")["architecture"] == "llava"
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llava"
+    check_logits_agree(src, out, clip, tmp_path)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"mm_patch_merge_type": "flat"}, "mm_patch_merge_type 'flat' with image_aspect_ratio 'anyres'"),
+    ({"mm_patch_merge_type": "spatial"}, "mm_patch_merge_type 'spatial' with image_aspect_ratio 'anyres'"),
+    ({"image_aspect_ratio": "anyres_max_9"}, "image_aspect_ratio 'anyres_max_9' is not LLaVA-NeXT's anyres"),
+    ({"mm_vision_select_feature": "cls_patch"}, "mm_vision_select_feature 'cls_patch' with image_aspect_ratio"),
+    ({"image_grid_pinpoints": None}, "image_grid_pinpoints None is not a list of \\[width, height\\]"),
+    ({"image_grid_pinpoints": "(1x1),...,(3x3)"}, "image_grid_pinpoints '\\(1x1\\),...,\\(3x3\\)' is not a list"),
+    ({"image_grid_pinpoints": [[24, 16]]}, "image_grid_pinpoints \\[24, 16\\] is not a whole number of the vision "
+                                           "tower's 16px tiles"),
+])
+def test_refuses_anyres_that_llava_next_cannot_represent(tokenizer_files, tmp_path, overrides, message):
+    clip = clip_folder(tmp_path / "clip", seed=1)
+    src = write_original(tmp_path / "src", tokenizer_files, grid=GRID, **overrides)
+    with pytest.raises(ConvertError, match=message) as error:
+        convert(src, tmp_path / "hf", vision_tower=clip)
+    assert "\n" not in str(error.value) and str(error.value).startswith(str(src / "config.json"))
+    assert not (tmp_path / "hf").exists()
+
+
+def test_refuses_anyres_with_a_resample_llava_next_would_apply_to_the_tiles(tokenizer_files, tmp_path):
+    clip = clip_folder(tmp_path / "clip", seed=1)
+    pre = json.loads((clip / "preprocessor_config.json").read_text())
+    (clip / "preprocessor_config.json").write_text(json.dumps({**pre, "resample": 2}))
+    src = write_original(tmp_path / "src", tokenizer_files, grid=GRID)
+    with pytest.raises(ConvertError, match="preprocessor resample 2 with image_aspect_ratio 'anyres'"):
+        convert(src, tmp_path / "hf", vision_tower=clip)
+
+
+def test_anyres_without_image_newline_is_refused(tokenizer_files, tmp_path):
+    clip = clip_folder(tmp_path / "clip", seed=1)
+    src = write_original(tmp_path / "src", tokenizer_files, grid=GRID)
+    for f in src.glob("*.safetensors"):
+        tensors = load_file(f)
+        tensors.pop("model.image_newline", None)
+        save_file(tensors, f, metadata={"format": "pt"})
+    with pytest.raises(ConvertError, match="anyres' with spatial_unpad but no model.image_newline tensor"):
+        convert(src, tmp_path / "hf", vision_tower=clip)
 
 
 def test_missing_vision_tower_names_both_options(tokenizer_files, tmp_path):
@@ -321,6 +513,22 @@ def test_cli_end_to_end(tokenizer_files, tmp_path, monkeypatch, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
+def test_cli_anyres_end_to_end(tokenizer_files, tmp_path, capsys):
+    from medllava import cli
+    from medllava.families import checkpoint_family, image_inputs
+
+    clip = clip_folder(tmp_path / "clip", seed=1)
+    src = write_original(tmp_path / "src", tokenizer_files, grid=GRID)
+    out = tmp_path / "hf"
+    assert cli.main(["convert", "--src", str(src), "--out", str(out), "--vision-tower", str(clip)]) == 0
+    printed = capsys.readouterr().out
+    assert "llava_next" in printed and "[[16, 48], [32, 16], [16, 16]]" in printed
+    assert checkpoint_family(out).model_type == "llava_next"
+    _, processor = build_model(ModelConfig(name_or_path=str(out)))
+    images = [random_image(w, h) for w, h in ANYRES_IMAGES]
+    assert image_inputs(processor, images)[1] == list(ANYRES_IMAGES.values())
+
+
 def test_known_tower_shapes_when_its_weights_are_saved(tokenizer_files, tmp_path):
     from transformers import LlavaConfig
 
@@ -340,5 +548,5 @@ def test_a_tensor_without_a_place_is_refused(tokenizer_files, tmp_path):
     src = write_original(tmp_path / "src", tokenizer_files)
     save_file({"model.image_newline": torch.zeros(32)}, src / "extra.safetensors")
     (src / "model.safetensors.index.json").unlink()  # every *.safetensors file is read
-    with pytest.raises(ConvertError, match=r"1 source tensors have no place.*model.language_model.image_newline"):
+    with pytest.raises(ConvertError, match=r"1 source tensors have no place.*'model.image_newline'"):
         convert(src, tmp_path / "hf", vision_tower=clip)

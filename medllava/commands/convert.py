@@ -1,20 +1,27 @@
 """`medllava convert`: an original LLaVA / LLaVA-Med checkpoint to a llava-hf checkpoint folder.
 
-The output is a `LlavaForConditionalGeneration` + `LlavaProcessor` folder that
-`medllava.model.build_model` loads. Reading and checking the original layout, and renaming its tensors,
-is `medllava.commands.original_layout`; this file builds the llava-hf side from it (config, tokenizer, processor
-with a chat template) and writes the folder:
+The output is a folder of one of `medllava.families`, which `medllava.model.build_model` loads:
+`LlavaForConditionalGeneration` + `LlavaProcessor`, or, for LLaVA-NeXT's tiling (`image_aspect_ratio:
+anyres`), `LlavaNextForConditionalGeneration` + `LlavaNextProcessor`. Reading and checking the original
+layout, and renaming its tensors, is `medllava.commands.original_layout`; this file builds the llava-hf side
+from it (config, tokenizer, processor with a chat template) and writes the folder:
 
     original                              llava-hf
     mm_vision_select_layer                vision_feature_layer
     mm_vision_select_feature patch|cls_patch   vision_feature_select_strategy default|full
     mm_projector_type mlp2x_gelu|linear   projector_hidden_act gelu|linear
     image_aspect_ratio pad                LlavaImageProcessor do_pad (pad to square with the mean colour)
+    image_aspect_ratio anyres             llava_next: LlavaNextConfig + LlavaNextImageProcessor
+      + mm_patch_merge_type spatial_unpad   (what LlavaNext's pack_image_features does; nothing to set)
+    image_grid_pinpoints [[w, h], ...]    image_grid_pinpoints [[h, w], ...], in the config and the image
+                                          processor (do_pad there pads the tile count for batching)
+    CLIP size / crop_size                 the image size (llava); anyres: the squashed base view's size
+                                          and the tile size
 
 `<image>` is added to the tokenizer and the vocabulary padded to a multiple of 64, new rows set to the
 mean of the trained ones.
 
-The image processor is written as transformers' LlavaImageProcessor; loading picks its backend, the
+The image processor is written as transformers' Llava(Next)ImageProcessor; loading picks its backend, the
 torchvision one when torchvision is installed, whose bicubic resize differs slightly from the PIL resize
 of the CLIPImageProcessor LLaVA trained with (the PIL backend reproduces it).
 """
@@ -26,8 +33,10 @@ import logging
 from pathlib import Path
 
 from medllava.commands.original_layout import (
-    PROJECTORS, SELECT_FEATURE, ConvertError, Source, load_weights, map_weights, read_source, resolve_vision,
+    PROJECTORS, SELECT_FEATURE, ConvertError, Source, check_grid, load_weights, map_weights, read_source,
+    resolve_vision,
 )
+from medllava.families import FAMILIES
 from medllava.records import IMAGE_PLACEHOLDER
 from medllava.templates import get_template
 
@@ -39,9 +48,20 @@ LLAVA_FIELDS = {"architectures", "model_type", "_name_or_path", "transformers_ve
                 "use_mm_proj", "image_aspect_ratio", "image_grid_pinpoints", "tokenizer_model_max_length",
                 "tokenizer_padding_side", "max_length"}
 LLAVA_PREFIXES = ("mm_", "tune_mm", "freeze_mm", "unfreeze_mm")
+BICUBIC = 3  # PIL's resampling code, as preprocessor_config.json writes it
+# llava-hf family -> its image processor: the PIL backend, which resizes as the CLIPImageProcessor that LLaVA
+# trained with did, else the one class of releases before the backend split.
+IMAGE_PROCESSORS = {"llava": ("LlavaImageProcessorPil", "LlavaImageProcessor"),
+                    "llava_next": ("LlavaNextImageProcessorPil", "LlavaNextImageProcessor")}
 
-def image_processor_kwargs(preprocessor: dict, image_size: int, pad: bool) -> dict:
-    """LlavaImageProcessor settings from a CLIP preprocessor_config.json (older files give sizes as ints)."""
+
+def image_processor_kwargs(preprocessor: dict, image_size: int, pad: bool,
+                           grid: list[list[int]] | None = None) -> dict:
+    """Image processor settings from a CLIP preprocessor_config.json (older files give sizes as ints).
+
+    With `grid` (anyres: [height, width] pairs) they are LlavaNextImageProcessor's: CLIP's size is the
+    base view's, its crop the tile's, and do_pad pads the tile count for batching (never the image).
+    """
     size = preprocessor.get("size", image_size)
     crop = preprocessor.get("crop_size", image_size)
     kwargs = {
@@ -56,6 +76,13 @@ def image_processor_kwargs(preprocessor: dict, image_size: int, pad: bool) -> di
     side = final.get("height", final.get("shortest_edge"))
     if side != image_size:
         raise ConvertError(f"preprocessing yields {side}px images but the vision tower takes {image_size}px")
+    if grid is not None:
+        # The original resizes into the grid and squashes the base view with PIL's default, bicubic;
+        # LlavaNextImageProcessor uses the one `resample` for those and for CLIP's resize.
+        if kwargs.get("resample", BICUBIC) != BICUBIC:
+            raise ConvertError(f"preprocessor resample {kwargs['resample']} with image_aspect_ratio 'anyres': the "
+                               f"original tiles with bicubic ({BICUBIC}), LlavaNext with the one resample for all")
+        kwargs.update(image_grid_pinpoints=grid, do_pad=True)
     return kwargs
 
 
@@ -110,15 +137,13 @@ def prepare_tokenizer(source: Source):
 
 
 def build_processor(source: Source, tokenizer, vision_cfg, image_kwargs: dict, strategy: str):
-    """LlavaProcessor with the source's preprocessing and the chat template of its conversation style."""
-    from transformers import LlavaProcessor
+    """The family's processor with the source's preprocessing and the chat template of its conversation style."""
+    import transformers
 
-    try:  # the PIL backend resizes as the CLIPImageProcessor that LLaVA trained with did
-        from transformers import LlavaImageProcessorPil as ImageProcessor
-    except ImportError:  # releases before the backend split: the one class is PIL-based
-        from transformers import LlavaImageProcessor as ImageProcessor
-    return LlavaProcessor(
-        image_processor=ImageProcessor(**image_kwargs),
+    pil, fallback = IMAGE_PROCESSORS[source.architecture]
+    image_processor = getattr(transformers, pil, None) or getattr(transformers, fallback)
+    return getattr(transformers, FAMILIES[source.architecture].processor_class)(
+        image_processor=image_processor(**image_kwargs),
         tokenizer=tokenizer,
         patch_size=vision_cfg.patch_size,
         vision_feature_select_strategy=strategy,
@@ -135,18 +160,17 @@ def _dtype_of(source: Source, name: str | None):
     return table.get(name, torch.float16)
 
 
-def _assemble(config, weights: dict):
-    """LlavaForConditionalGeneration holding `weights`, for saving.
+def _assemble(model_class, config, weights: dict):
+    """`model_class` (the family's) holding `weights`, for saving.
 
     The skeleton is built on the meta device and the converted tensors are moved in, so a 7B model is
     never held twice. Its derived buffers (rotary frequencies, position ids) stay on meta: they are not
     saved, and loading the saved folder recomputes them.
     """
     import torch
-    from transformers import LlavaForConditionalGeneration
 
     with torch.device("meta"):
-        model = LlavaForConditionalGeneration(config)
+        model = model_class(config)
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
     if missing or unexpected:
@@ -167,7 +191,7 @@ def convert(src: str | Path, out: str | Path, vision_tower: str | Path | None = 
     """
     import math
 
-    from transformers import LlavaConfig
+    import transformers
 
     from medllava.model import check_checkpoint_dir, save_model
 
@@ -179,16 +203,19 @@ def convert(src: str | Path, out: str | Path, vision_tower: str | Path | None = 
     vision_cfg, preprocessor, vision = resolve_vision(
         source, weights, Path(vision_tower) if vision_tower else None, target_dtype)
     pad = source.config.get("image_aspect_ratio") == "pad"
-    image_kwargs = image_processor_kwargs(preprocessor, vision_cfg.image_size, pad)
+    check_grid(source, vision_cfg.image_size)
+    image_kwargs = image_processor_kwargs(preprocessor, vision_cfg.image_size, pad, source.grid_pinpoints)
     projector = source.config.get("mm_projector_type", "linear")
-    weights = map_weights(weights, vision, projector, target_dtype)
+    weights = map_weights(weights, vision, source, target_dtype)
     rows = len(weights["model.language_model.embed_tokens.weight"])
     rows = math.ceil(max(len(tokenizer), rows) / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     old_rows = pad_vocab(weights, rows)
 
     strategy = SELECT_FEATURE[source.config.get("mm_vision_select_feature", "patch")]
     text = text_config(source, rows, tokenizer)
-    config = LlavaConfig(
+    model_class = getattr(transformers, FAMILIES[source.architecture].model_class)
+    grid = {"image_grid_pinpoints": source.grid_pinpoints} if source.grid_pinpoints else {}
+    config = model_class.config_class(
         vision_config=vision_cfg,
         text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
@@ -198,8 +225,9 @@ def convert(src: str | Path, out: str | Path, vision_tower: str | Path | None = 
         projector_hidden_act=PROJECTORS[projector],
         multimodal_projector_bias="model.multi_modal_projector.linear_1.bias" in weights,
         tie_word_embeddings=bool(getattr(text, "tie_word_embeddings", False)),
+        **grid,
     )
-    model = _assemble(config, weights)
+    model = _assemble(model_class, config, weights)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         setattr(model.generation_config, name, getattr(tokenizer, name))
 
@@ -208,11 +236,11 @@ def convert(src: str | Path, out: str | Path, vision_tower: str | Path | None = 
     save_model(model, processor, out)
     check_checkpoint_dir(Path(out))
     return {
-        "out": str(out), "family": source.family, "template": source.template,
+        "out": str(out), "architecture": source.architecture, "family": source.family, "template": source.template,
         "dtype": str(target_dtype).removeprefix("torch."),
         "projector": projector, "vision_feature_select_strategy": strategy, "pad_to_square": pad,
         "vocab": f"{old_rows} -> {rows}", "image_token_index": config.image_token_index,
-        "image_seq_length": config.image_seq_length,
+        "image_seq_length": config.image_seq_length, **grid,
     }
 
 
@@ -223,8 +251,9 @@ def register(subparsers) -> None:
         description=(
             "Convert a checkpoint in the original LLaVA layout (config.json model_type llava, or llava_mistral "
             "for LLaVA-Med v1.5; safetensors weights; tokenizer files) into a llava-hf folder "
-            "(LlavaForConditionalGeneration + LlavaProcessor with the matching chat template) that every "
-            "medllava command loads. Pickle (.bin) weights are refused: convert them to safetensors first."
+            "(LlavaForConditionalGeneration + LlavaProcessor with the matching chat template, or "
+            "LlavaNextForConditionalGeneration + LlavaNextProcessor for LLaVA-NeXT's image_aspect_ratio anyres) "
+            "that every medllava command loads. Pickle (.bin) weights are refused: convert them to safetensors first."
         ),
     )
     p.add_argument("--src", type=Path, required=True, metavar="DIR", help="original-layout checkpoint folder")

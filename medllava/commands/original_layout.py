@@ -13,14 +13,23 @@ and, when it was saved, the CLIP tower (`model.vision_tower.vision_tower.vision_
     model.mm_projector.0 / .2             model.multi_modal_projector.linear_1 / linear_2  (mlp2x_gelu)
     model.mm_projector                    linear_1, with act `linear` and linear_2 = identity (linear)
     model.vision_tower.vision_tower.*     model.vision_tower.*
+    model.image_newline                   model.image_newline  (anyres: LlavaNextModel's row separator)
+
+The image path decides the llava-hf family. `image_aspect_ratio: anyres` with `mm_patch_merge_type:
+spatial_unpad` is LLaVA-NeXT's tiling, which LlavaNext implements; every other aspect ratio (pad, square)
+is one image per `<image>`, Llava's, where the original never reads mm_patch_merge_type. The original
+lists `image_grid_pinpoints` as [width, height] (its select_best_resolution unpacks `width, height`
+and compares them with PIL's `image.size`); transformers' as [height, width]: each pair is swapped.
 
 Weights are read from safetensors only; pickle files are refused, never loaded. What llava-hf cannot
 represent is refused by name: `<im_start>/<im_end>` tokens (mm_use_im_start_end), deeper MLP
-projectors, LLaVA-NeXT any-resolution tiling, unmerged LoRA adapters.
+projectors, anyres tiles merged other than by spatial_unpad, capped tilings (anyres_max_N), unmerged LoRA
+adapters.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 from dataclasses import dataclass
@@ -39,6 +48,10 @@ ORIGINAL_TYPES = {
 PROJECTORS = {"mlp2x_gelu": "gelu", "linear": "linear"}
 MLP_LAYERS = {"0": "linear_1", "2": "linear_2"}
 SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}
+# The one way of merging anyres tiles that LlavaNext implements (its pack_image_features): the tile grid's
+# features unpadded back to the image's aspect ratio, image_newline after each row.
+ANYRES_MERGE = "spatial_unpad"
+NEWLINE = "model.image_newline"
 VISION_PREFIX = "model.vision_tower.vision_tower."
 # Buffers that some transformers versions saved; they are recomputed from the config, not weights.
 DERIVED_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids")
@@ -66,6 +79,12 @@ class Source:
     template: str
     """Conversation template the checkpoint was trained with."""
     weight_files: list[Path]
+    architecture: str = "llava"
+    """The llava-hf family it converts to: llava, or llava_next for anyres tiling."""
+    grid_pinpoints: list[list[int]] | None = None
+    """anyres only: the tile grid resolutions in pixels, [height, width] as transformers reads them."""
+    ignored: tuple[str, ...] = ()
+    """Tensors the original forward never reads with this config; they are dropped, not converted."""
 
 
 def read_source(src: Path) -> Source:
@@ -97,12 +116,56 @@ def read_source(src: Path) -> Source:
         raise ConvertError(f"{cfg_path}: mm_vision_select_feature {feature!r}; supported: {', '.join(SELECT_FEATURE)}")
     if not isinstance(cfg.get("mm_vision_select_layer"), int):
         raise ConvertError(f"{cfg_path}: mm_vision_select_layer is missing or not an integer")
-    aspect, merge = str(cfg.get("image_aspect_ratio")), cfg.get("mm_patch_merge_type", "flat")
-    if aspect.startswith("anyres") or merge != "flat":
-        raise ConvertError(f"{cfg_path}: image_aspect_ratio {aspect!r} / mm_patch_merge_type {merge!r} is LLaVA-NeXT "
-                           "tiling, which the Llava classes do not do (LlavaNext does)")
+    architecture, grid = image_layout(cfg, cfg_path)
+    # The original builds image_newline whenever the merge type unpads, and reads it only on the anyres path.
+    unused_newline = architecture == "llava" and "unpad" in str(cfg.get("mm_patch_merge_type", "flat"))
     family, template = ORIGINAL_TYPES[model_type]
-    return Source(src, cfg, family, template, _weight_files(src))
+    return Source(src, cfg, family, template, _weight_files(src), architecture, grid,
+                  (NEWLINE,) if unused_newline else ())
+
+
+def image_layout(cfg: dict, where: Path) -> tuple[str, list[list[int]] | None]:
+    """The llava-hf family of the original image path, and for anyres its grid as [height, width] pairs."""
+    aspect = cfg.get("image_aspect_ratio", "square")
+    if not str(aspect).startswith("anyres"):
+        return "llava", None  # one image tensor per <image>: the original never reads mm_patch_merge_type
+    if aspect != "anyres":
+        raise ConvertError(f"{where}: image_aspect_ratio {aspect!r} is not LLaVA-NeXT's anyres tiling (LLaVA-OneVision's "
+                           "anyres_max_N shrinks the feature grid past N tiles); LlavaNext implements only 'anyres'")
+    merge = cfg.get("mm_patch_merge_type", "flat")
+    if merge != ANYRES_MERGE:
+        raise ConvertError(f"{where}: mm_patch_merge_type {merge!r} with image_aspect_ratio 'anyres': LlavaNext merges "
+                           f"tiles only as {ANYRES_MERGE!r} (grid unpadded, image_newline after each row)")
+    feature = cfg.get("mm_vision_select_feature", "patch")
+    if feature != "patch":
+        raise ConvertError(f"{where}: mm_vision_select_feature {feature!r} with image_aspect_ratio 'anyres': the "
+                           "original merge asserts one feature per patch of each tile (no CLS); only 'patch' ran")
+    return "llava_next", [[h, w] for w, h in _pinpoints(cfg.get("image_grid_pinpoints"), where)]
+
+
+def _pinpoints(raw, where: Path) -> list[list[int]]:
+    """image_grid_pinpoints as the original reads it: a list, or its string form (ast.literal_eval)."""
+    value = raw
+    if isinstance(raw, str):
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = None
+    pairs = isinstance(value, (list, tuple)) and len(value) > 0 and all(
+        isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, int) and x > 0 for x in p) for p in value)
+    if not pairs:
+        raise ConvertError(f"{where}: image_grid_pinpoints {raw!r} is not a list of [width, height] pixel pairs, "
+                           "which image_aspect_ratio 'anyres' needs")
+    return [list(p) for p in value]
+
+
+def check_grid(source: Source, tile: int) -> None:
+    """Refuse grid resolutions that are not whole tiles of the vision tower's `tile` px input (the
+    original cuts such a grid into more tiles than its feature reshape expects, and fails)."""
+    for h, w in source.grid_pinpoints or ():
+        if h % tile or w % tile:
+            raise ConvertError(f"{source.path / 'config.json'}: image_grid_pinpoints [{w}, {h}] is not a whole number "
+                               f"of the vision tower's {tile}px tiles")
 
 
 def _weight_files(src: Path) -> list[Path]:
@@ -193,13 +256,20 @@ def _clip_folder_weights(folder: Path, dtype) -> dict:
                                                                    "visual_projection", "logit_scale"))}
 
 
-def map_weights(weights: dict, vision: dict, projector: str, dtype) -> dict:
-    """Rename original-layout tensors to LlavaForConditionalGeneration's parameter names."""
+def map_weights(weights: dict, vision: dict, source: Source, dtype) -> dict:
+    """Rename original-layout tensors to the parameter names of the llava-hf family's model class
+    (Llava- or LlavaNextForConditionalGeneration: the same names, and LlavaNext's `model.image_newline`)."""
     import torch
 
+    projector = source.config.get("mm_projector_type", "linear")
     out = {f"model.vision_tower.{k}": v for k, v in vision.items()}
     for key, t in weights.items():
-        if key.startswith("model.mm_projector."):
+        if key in source.ignored:
+            log.info("dropping %s: the original forward never reads it with image_aspect_ratio %r", key,
+                     source.config.get("image_aspect_ratio"))
+        elif key == NEWLINE:
+            out[key] = t  # LlavaNextModel.image_newline: the same name; for llava-hf Llava it has no place
+        elif key.startswith("model.mm_projector."):
             rest = key[len("model.mm_projector."):]
             if projector == "mlp2x_gelu":  # nn.Sequential(Linear, GELU, Linear): layers 0 and 2
                 index, _, param = rest.partition(".")
@@ -214,6 +284,9 @@ def map_weights(weights: dict, vision: dict, projector: str, dtype) -> dict:
     if not any(k.startswith("model.multi_modal_projector.") for k in out):
         raise ConvertError("no model.mm_projector.* weights in the safetensors files (a projector saved on its own, "
                            "as mm_projector.bin, is not merged by this command)")
+    if source.architecture == "llava_next" and NEWLINE not in out:
+        raise ConvertError(f"{source.path}: image_aspect_ratio 'anyres' with {ANYRES_MERGE} but no {NEWLINE} tensor "
+                           "in the safetensors files")
     if projector == "linear":
         hidden = out["model.multi_modal_projector.linear_1.weight"].shape[0]
         out["model.multi_modal_projector.linear_2.weight"] = torch.eye(hidden, dtype=dtype)
