@@ -25,9 +25,14 @@ class CompileError(ValueError):
 
 
 def decoder_layers(model):
-    """The decoder layers of the language model of `model` (a PEFT wrapper or the bare model)."""
+    """The decoder layers of the language model of `model` (a PEFT wrapper or the bare model), where its
+    family (medllava.families) keeps them."""
+    from operator import attrgetter
+
+    from medllava.families import model_family
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model.language_model.layers
+    return attrgetter(model_family(base).decoder_layers)(base)
 
 
 def compile_decoder_layers(model) -> int:

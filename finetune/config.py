@@ -71,8 +71,11 @@ class StageConfig:
     """The stage's training data."""
 
     train_modules: list[str] = field(default_factory=list)
-    """Modules to train (vision_tower, multi_modal_projector, language_model, lm_head); empty = the stage's
-    entry in STAGE_DEFINITIONS (medllava.model.TRAINABLE)."""
+    """Modules to train, the model family's (vision_tower, multi_modal_projector, language_model, lm_head;
+    LLaVA-NeXT adds image_newline), taken as written; empty = the stage's entry in STAGE_DEFINITIONS
+    (medllava.model.TRAINABLE), with the family's connector for the projector (LLaVA-NeXT: with
+    image_newline). image_newline is one parameter, not a module: full training trains it, LoRA cannot and
+    leaves it frozen (listed with lora.enabled, it is refused)."""
 
     learning_rate: float = 2e-5
     """Peak learning rate."""
@@ -155,13 +158,17 @@ class StageDefinition:
     """What a stage is, besides its settings: fixed by medllava for each stage name, not set in a config."""
 
     trains: tuple[str, ...]
-    """Modules trained when the stage's `train_modules` is empty."""
+    """Modules trained when the stage's `train_modules` is empty. `multi_modal_projector` stands for the
+    model family's connector (`Family.trainable`: LLaVA-NeXT's is the projector and image_newline); under
+    LoRA the family's bare parameters (image_newline) stay frozen, since PEFT trains only adapters and whole
+    submodules (`modules_to_save`)."""
 
     starts_from: str = ""
     """The stage whose saved `model/` this stage starts from when that folder exists; empty: the run's model."""
 
     saves_projector: bool = False
-    """Also write `projector.safetensors`, the projector alone, when the stage trains without LoRA."""
+    """Also write `projector.safetensors`, the family's connector alone (the projector; LLaVA-NeXT: with
+    image_newline), when the stage trains without LoRA."""
 
 
 STAGE_DEFINITIONS: dict[str, StageDefinition] = {
@@ -194,7 +201,8 @@ class AdaptConfig:
     """Run directory: align/ and instruct/ are written inside it, with config.yaml."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    """The starting point: a general llava-hf checkpoint folder (or a named tiny model for trials)."""
+    """The starting point: a general llava-hf checkpoint folder of a supported family (LLaVA-1.5 or
+    LLaVA-NeXT, medllava.families), or a named tiny model for trials."""
 
     seed: int = 42
     """Seed for weights of new modules, data order and dropout."""

@@ -1,12 +1,35 @@
-"""The settings checks a stage runs before anything is loaded (`finetune.stages.plan_stage`): options
-that cannot work together, with the model, or under the run's DeepSpeed config, each refused in one line."""
+"""The settings checks a stage runs before anything is loaded (`finetune.stages.plan_stage`): what the stage
+trains, for its model's family; options that cannot work together, with the model, or under the run's DeepSpeed
+config, each refused in one line."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from medllava.finetune.config import RunSettings, StageConfig
+from medllava.families import FAMILIES, Family
+from medllava.finetune.config import STAGE_DEFINITIONS, RunSettings, StageConfig, StageDefinition
 from medllava.model import ModelConfig
+
+
+def stage_modules(name: str, stage: StageConfig, definition: StageDefinition, family: Family) -> tuple[str, ...]:
+    """The top-level modules the stage trains: its config's `train_modules`, checked against the family's
+    modules, else the stage's default with the family's connector for the projector. Under LoRA the default
+    leaves out the family's bare parameters (LLaVA-NeXT's image_newline), which PEFT cannot train."""
+    if stage.train_modules:
+        unknown = [m for m in stage.train_modules if m not in family.modules]
+        if unknown:
+            raise ValueError(f"stage {name}: train_modules names {', '.join(unknown)}, which {family.model_type}"
+                             f" models do not have; choose from {', '.join(family.modules)}")
+        bare = [m for m in stage.train_modules if m in family.bare_parameters]
+        if bare and stage.lora.enabled:
+            raise ValueError(f"stage {name}: train_modules names {', '.join(bare)}, a single parameter, which LoRA"
+                             " cannot train (adapters and whole modules only); leave it out or set lora.enabled=false")
+        return tuple(stage.train_modules)
+    modules = family.trainable(definition.trains)
+    if not modules:
+        raise ValueError(f"stage {name}: train_modules is empty and {name} is none of the stages"
+                         f" {', '.join(STAGE_DEFINITIONS)}; name the modules to train")
+    return family.lora_trainable(modules) if stage.lora.enabled else modules
 
 
 def check_lora_options(name: str, stage: StageConfig, run: RunSettings) -> None:
@@ -40,8 +63,9 @@ def check_model_options(name: str, stage: StageConfig, start: ModelConfig) -> No
 
 
 
-def check_speed_options(name: str, stage: StageConfig, modules: tuple[str, ...], run: RunSettings) -> None:
-    """Refuse speed options that cannot work with the rest of the stage's config."""
+def check_speed_options(name: str, stage: StageConfig, modules: tuple[str, ...], run: RunSettings,
+                        family: Family = FAMILIES["llava"]) -> None:
+    """Refuse speed options that cannot work with the rest of the stage's config or the model's `family`."""
     if stage.compile_layers and stage.torch_compile:
         raise ValueError(f"stage {name}: compile_layers compiles each decoder layer and torch_compile the whole model;"
                          " turn one of them off")
@@ -53,6 +77,9 @@ def check_speed_options(name: str, stage: StageConfig, modules: tuple[str, ...],
                          " turn one of group_by_length and packing off")
     if stage.cache_vision_features == "none":
         return
+    if family.feature_cache:
+        raise ValueError(f"stage {name}: cache_vision_features does not apply to {family.model_type} models:"
+                         f" {family.feature_cache}; set cache_vision_features=none")
     if "vision_tower" in modules:
         raise ValueError(f"stage {name}: cache_vision_features needs a frozen vision tower, but the stage trains"
                          f" {', '.join(modules)}; set cache_vision_features=none or leave vision_tower out")

@@ -11,7 +11,7 @@ Stage folder layout (`<run_dir>/<stage>/`):
     checkpoints/checkpoint-N/   resumable Trainer checkpoints (with a completion marker; trained weights only)
     model/                      full llava-hf checkpoint (stage 2 with LoRA: only if merge is on)
     adapter/                    LoRA adapter (+ projector) when LoRA is on
-    projector.safetensors       the projector alone (stage 1), small enough to share
+    projector.safetensors       the connector alone (stage 1: projector, LLaVA-NeXT's image_newline too)
     data_order.jsonl            which examples every optimizer step saw
     skipped.jsonl               every example dropped from a batch while training (unreadable image,
                                 too long), with its step
@@ -29,17 +29,18 @@ from pathlib import Path
 from typing import Any
 
 from medllava.finetune.compilation import allow_checkpointed_side_effects, compile_decoder_layers, watch_compilation
-from medllava.finetune.config import (STAGE_DEFINITIONS, DataConfig, LoraConfig, RunSettings, StageConfig, StageDefinition,
+from medllava.finetune.config import (DataConfig, LoraConfig, RunSettings, StageConfig, StageDefinition,
                                       stage_definition)
 from medllava.finetune.memory_probe import describe as describe_probe
 from medllava.finetune.stage_checks import (check_data_options, check_lora_options, check_model_options,
-                                            check_speed_options)
+                                            check_speed_options, stage_modules)
 from medllava.finetune.stage_data import prepare_dataset
 from medllava.finetune.stage_outputs import barrier, save_outputs
 from medllava.finetune.trainer import (InputWait, build_trainer, checkpoint_step, complete_checkpoints, is_main_process,
                               training_arguments, world_size)
+from medllava.families import Family
 from medllava.io import atomic_write_json
-from medllava.model import ModelConfig, build_model, set_trainable
+from medllava.model import ModelConfig, build_model, family_of, set_trainable
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,10 @@ class StagePlan:
     name: str
     stage: StageConfig
     definition: StageDefinition
+    family: Family
+    """The start model's family (medllava.families), known before it loads."""
     modules: tuple[str, ...]
-    """The top-level modules it trains (medllava.model.MODULES)."""
+    """The top-level modules it trains (the family's `modules`)."""
     start: ModelConfig
     run: RunSettings
     out_dir: Path
@@ -129,15 +132,13 @@ def plan_stage(name: str, stage: StageConfig, start: ModelConfig, run: RunSettin
                val_data: DataConfig | None = None) -> StagePlan:
     """Check the stage's settings against each other, the model and the run, before anything is loaded."""
     definition = stage_definition(name)
-    modules = tuple(stage.train_modules) or definition.trains
-    if not modules:
-        raise ValueError(f"stage {name}: train_modules is empty and {name} is none of the stages"
-                         f" {', '.join(STAGE_DEFINITIONS)}; name the modules to train")
     check_lora_options(name, stage, run)
-    check_speed_options(name, stage, modules, run)
+    family = family_of(start)
+    modules = stage_modules(name, stage, definition, family)
+    check_speed_options(name, stage, modules, run, family)
     check_model_options(name, stage, start)
     check_data_options(name, stage)
-    return StagePlan(name, stage, definition, modules, start, run, out_dir, val_data)
+    return StagePlan(name, stage, definition, family, modules, start, run, out_dir, val_data)
 
 
 def setup_stage(plan: StagePlan) -> StageSetup:
@@ -316,7 +317,8 @@ def finish_stage(setup: StageSetup, record: dict) -> None:
     plan = setup.plan
     if is_main_process():
         print(f"[{plan.name}] {describe_input_wait(record['input_wait'])}", flush=True)
-    save_outputs(setup.trainer, setup.processor, plan.stage.lora, plan.out_dir, plan.definition.saves_projector)
+    save_outputs(setup.trainer, setup.processor, plan.stage.lora, plan.out_dir,
+                 plan.family if plan.definition.saves_projector else None)
     if is_main_process():
         atomic_write_json(plan.out_dir / STAGE_DONE, record)
     barrier()
@@ -342,7 +344,9 @@ def describe_input_wait(wait: dict) -> str:
 
 def apply_lora(model, lora: LoraConfig, modules: tuple[str, ...], autocast: bool = False, fold_dropout: bool = True):
     """Wrap the language model's linear layers with LoRA adapters; other trained modules
-    (the projector) are trained in full and saved with the adapter.
+    (the projector) are trained in full and saved with the adapter. Only submodules can be: a name in
+    `modules` that is a bare parameter (LLaVA-NeXT's image_newline) stays frozen, as PEFT freezes every
+    weight outside the adapters and `modules_to_save`.
 
     The adapters are kept in float32. PEFT casts each layer's input to their dtype before the adapter
     runs; with `autocast` (the model trains under bf16/fp16 autocast, as Trainer's `bf16` does) the adapter
@@ -357,13 +361,14 @@ def apply_lora(model, lora: LoraConfig, modules: tuple[str, ...], autocast: bool
     from peft import get_peft_model
 
     layers = "|".join(lora.target_modules)
+    submodules = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     peft_config = PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         # Only the language model's projections: the vision tower has layers with the same names.
         target_modules=rf".*language_model.*\.({layers})$",
-        modules_to_save=[m for m in modules if m not in ("language_model", "lm_head")] or None,
+        modules_to_save=[m for m in modules if m not in ("language_model", "lm_head") and m in submodules] or None,
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, peft_config)

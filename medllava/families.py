@@ -43,6 +43,12 @@ class Family:
     of them found among the first three parts of its name."""
     connector: tuple[str, ...] = ("multi_modal_projector",)
     """What stage 1 (alignment) trains: the modules between the vision encoder and the language model."""
+    bare_parameters: tuple[str, ...] = ()
+    """Entries of `modules` that are a single `nn.Parameter` of the model, not a submodule. Full training
+    trains them when listed; LoRA cannot (PEFT's `modules_to_save` wraps submodules only), so under LoRA
+    they stay frozen."""
+    decoder_layers: str = "model.language_model.layers"
+    """Attribute path, from the bare model, of the language model's decoder layers (`compile_layers`)."""
     nf4_skip: tuple[str, ...] = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
     """Modules QLoRA keeps in full precision, as transformers matches them: from the start of the full
     module name, so the vision side never goes to 4-bit."""
@@ -64,14 +70,18 @@ class Family:
                     out.append(name)
         return tuple(out)
 
+    def lora_trainable(self, modules: Sequence[str]) -> tuple[str, ...]:
+        """`modules` without the bare parameters, which LoRA leaves frozen (see `bare_parameters`)."""
+        return tuple(m for m in modules if m not in self.bare_parameters)
+
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("llava", "LlavaForConditionalGeneration", "LlavaProcessor",
            "LLaVA-1.5 and LLaVA-Med: one fixed-resolution image, a CLIP tower and an MLP projector"),
     Family("llava_next", "LlavaNextForConditionalGeneration", "LlavaNextProcessor",
-           "LLaVA-NeXT (LLaVA-1.6) and LLaVA-1.5-HD: the image as a grid of tiles plus a downsampled view",
+           "LLaVA-NeXT (LLaVA-1.6): the image as a grid of tiles plus a downsampled view",
            modules=("vision_tower", "multi_modal_projector", "image_newline", "language_model", "lm_head"),
-           connector=("multi_modal_projector", "image_newline"),
+           connector=("multi_modal_projector", "image_newline"), bare_parameters=("image_newline",),
            pixel_keys=("pixel_values", "image_sizes"), fixed_image_tokens=False,
            feature_cache="the vision feature cache stores one fixed-size feature map per image, and a "
                          "LLaVA-NeXT image is a variable number of tiles"),

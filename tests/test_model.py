@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from medllava.families import fixed_image_token_count
+from medllava.families import fixed_image_token_count, model_family
 from medllava.model import (
     MODULES, TRAINABLE, CheckpointError, ModelConfig, build_model, module_of, save_model, set_trainable,
 )
@@ -58,15 +58,19 @@ def test_save_replaces_an_existing_checkpoint_whole(tiny, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
 
+@pytest.mark.parametrize("named", ["tiny", "tiny-next"])
 @pytest.mark.parametrize("stage", sorted(TRAINABLE))
-def test_freeze_table(tiny, stage):
-    model, _ = tiny
+def test_freeze_table(tiny, stage, named):
+    # The projector stands for the family's connector (LLaVA-NeXT: with image_newline).
+    model = tiny[0] if named == "tiny" else build_model(ModelConfig(name_or_path=named))[0]
+    family = model_family(model)
+    expected = family.trainable(TRAINABLE[stage])
     names = set(set_trainable(model, stage))
     try:
         all_names = [n for n, _ in model.named_parameters()]
-        assert names == {n for n in all_names if module_of(n) in TRAINABLE[stage]}
-        assert {module_of(n) for n in names} == set(TRAINABLE[stage])
-        assert not any(module_of(n) == "vision_tower" for n in names)
+        assert names == {n for n in all_names if module_of(n, family.modules) in expected}
+        assert {module_of(n, family.modules) for n in names} == set(expected)
+        assert not any(module_of(n, family.modules) == "vision_tower" for n in names)
         assert all(p.requires_grad == (n in names) for n, p in model.named_parameters())
     finally:
         set_trainable(model, MODULES)
