@@ -46,7 +46,8 @@ def register(subparsers) -> None:
         description=__doc__.split("\n\n")[0] + " Resumable: run it again to finish an interrupted demo.",
     )
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="work folder (default runs/demo)")
-    p.add_argument("--model", default="tiny", help="named random-weight model to adapt: tiny or small")
+    p.add_argument("--model", default="tiny",
+                   help="named random-weight model to adapt: tiny, small or tiny-next (LLaVA-NeXT's tile grid)")
     p.add_argument("--teacher-url", help="OpenAI-compatible endpoint that writes the instruction set")
     p.add_argument("--teacher-model", help="model name at the teacher endpoint")
     p.add_argument("--teacher-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
