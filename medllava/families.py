@@ -11,13 +11,15 @@ random-weight model's spec) instead of assuming LLaVA-1.5:
 - how an image becomes tokens: a fixed count (LLaVA-1.5) or one that depends on the image's size (the
   anyres grid of LLaVA-NeXT), and which processor outputs travel with `pixel_values` (`image_sizes`);
 - whether the stage-1 vision feature cache and packing apply, and why not where they do not;
-- the default conversation template.
+- the default conversation template;
+- the Python packages its processor needs beyond transformers (LLaVA-OneVision's imports torchvision).
 
 Adding a family is one entry in `FAMILIES` plus its tests.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,6 +62,14 @@ class Family:
     feature_cache: str = ""
     """Why the stage-1 vision feature cache does not apply; empty where it does."""
     default_template: str = DEFAULT_TEMPLATE
+    """The conversation template (`medllava.templates`) used where neither a config nor a head names one."""
+    processor_needs: tuple[str, ...] = ()
+    """Packages transformers needs to build this family's processor (`AutoProcessor.from_pretrained`); a
+    checkpoint folder of the family is refused, naming them, where one is missing."""
+
+    def missing_packages(self) -> tuple[str, ...]:
+        """The packages of `processor_needs` not installed here."""
+        return tuple(p for p in self.processor_needs if importlib.util.find_spec(p) is None)
 
     def trainable(self, stage_modules: Sequence[str]) -> tuple[str, ...]:
         """A stage's default modules with this family's connector standing for the projector."""
@@ -85,6 +95,14 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            pixel_keys=("pixel_values", "image_sizes"), fixed_image_tokens=False,
            feature_cache="the vision feature cache stores one fixed-size feature map per image, and a "
                          "LLaVA-NeXT image is a variable number of tiles"),
+    Family("llava_onevision", "LlavaOnevisionForConditionalGeneration", "LlavaOnevisionProcessor",
+           "LLaVA-OneVision: a SigLIP tower and Qwen2, the image as tiles whose features shrink past anyres_max_N",
+           modules=("vision_tower", "multi_modal_projector", "image_newline", "language_model", "lm_head"),
+           connector=("multi_modal_projector", "image_newline"), bare_parameters=("image_newline",),
+           pixel_keys=("pixel_values", "image_sizes"), fixed_image_tokens=False,
+           feature_cache="the vision feature cache stores one fixed-size feature map per image, and a "
+                         "LLaVA-OneVision image is a variable number of tiles",
+           default_template="chat_template", processor_needs=("torchvision",)),
 )}
 """Every supported family, by model_type."""
 
@@ -94,13 +112,21 @@ class UnsupportedModelError(ValueError):
 
 
 def get_family(model_type: str, where: str = "") -> Family:
-    """The family of `model_type`; an error naming `where` (the checkpoint) and the supported families."""
+    """The family of `model_type`; an error naming `where` (the checkpoint) and the supported families.
+
+    With `where` (a checkpoint folder, about to be loaded), a family whose processor needs a package that
+    is not installed is refused here, before anything loads, in one line naming the package."""
+    prefix = f"{where}: " if where else ""
     if model_type not in FAMILIES:
-        prefix = f"{where}: " if where else ""
         raise UnsupportedModelError(
             f"{prefix}model_type {model_type!r} is not supported; supported families: "
             + "; ".join(f"{f.model_type} ({f.summary})" for f in FAMILIES.values()))
-    return FAMILIES[model_type]
+    family = FAMILIES[model_type]
+    if where and (missing := family.missing_packages()):
+        raise UnsupportedModelError(
+            f"{prefix}loading a {model_type} checkpoint needs {' and '.join(missing)} (transformers' "
+            f"{family.processor_class} imports it); install it, e.g. pip install {' '.join(missing)}")
+    return family
 
 
 def checkpoint_family(path: str | Path) -> Family:
@@ -117,6 +143,36 @@ def model_family(model) -> Family:
     """The family of a loaded model (a PEFT wrapper included)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return get_family(base.config.model_type)
+
+
+def new_processor(family: Family, **parts):
+    """`family`'s processor from its parts (image processor, tokenizer, ...) and settings, built by its own
+    constructor.
+
+    Where a package of `processor_needs` is missing, transformers cannot check the class of a video
+    processor: it exports `VideoProcessorMixin` only with torchvision, and `ProcessorMixin.__init__` looks
+    the class up by that name, so the constructor fails even though images never touch torchvision. There
+    the constructor runs with that one check done here instead (the video processor must still be a
+    `VideoProcessorMixin`); every other part is checked and set by the constructor as usual.
+    """
+    import transformers
+
+    cls = getattr(transformers, family.processor_class)
+    if not family.missing_packages():
+        return cls(**parts)
+    from transformers.video_processing_utils import VideoProcessorMixin
+
+    video = parts.get("video_processor")
+    if not isinstance(video, VideoProcessorMixin):
+        raise TypeError(f"{family.processor_class} needs a video processor, got {type(video).__name__}")
+    processor = cls.__new__(cls)
+    check = processor.check_argument_for_proper_class
+    processor.check_argument_for_proper_class = lambda name, arg: None if name == "video_processor" else check(name, arg)
+    try:
+        cls.__init__(processor, **parts)
+    finally:
+        del processor.check_argument_for_proper_class
+    return processor
 
 
 def processor_family(processor) -> Family:

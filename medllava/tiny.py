@@ -2,7 +2,8 @@
 
 The tokenizer is a real byte-level BPE trained on the fly (deterministically) on a shipped corpus
 of medical sentences, so it round-trips any text and has the special tokens a llava-hf checkpoint
-has (`<s>`, `</s>`, `<unk>`, `<pad>`, `<image>`). Nothing is downloaded.
+has (`<s>`, `</s>`, `<unk>`, `<pad>`, `<image>`; a Qwen2-based one, LLaVA-OneVision: `<|endoftext|>`,
+`<|im_start|>`, `<|im_end|>`, `<image>`, `<video>` and no BOS). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from medllava.records import IMAGE_PLACEHOLDER
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_PLACEHOLDER]
+QWEN2_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_PLACEHOLDER, "<video>"]
 
 # A llava-hf style chat template over structured content, ending each reply with the EOS token.
 CHAT_TEMPLATE = (
@@ -25,6 +27,19 @@ CHAT_TEMPLATE = (
     "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
     "{{ eos_token }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+# llava-hf's LLaVA-OneVision template (transformers' convert_llava_onevision_weights_to_hf.py): Qwen2's
+# ChatML, images first in a user turn, each reply ending `<|im_end|>` (the EOS) and a newline.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\\n' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] }}{% endgeneration %}{% endfor %}{% endif %}"
+    "{{'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
 
@@ -44,9 +59,14 @@ class TinySpec:
     max_positions: int
     init_std: float = 0.02
     family: str = "llava"
-    """The architecture (medllava.families): llava, or llava_next with `grid` tiles."""
+    """The architecture (medllava.families): llava, or llava_next / llava_onevision with `grid` tiles."""
     grid: tuple[tuple[int, int], ...] = ()
     """LLaVA-NeXT's image_grid_pinpoints, (height, width) in pixels: multiples of image_size."""
+    max_tiles: int = 0
+    """LLaVA-OneVision's `anyres_max_N`: a grid's features are shrunk (bilinear) to about N tiles' worth."""
+    qwen2: bool = False
+    """As LLaVA-OneVision: a SigLIP tower (no CLS, every patch kept), a Qwen2 language model and its ChatML
+    tokens; otherwise a CLIP tower (CLS dropped) and a LLaMA language model."""
 
 
 # `tiny` is for unit tests and the demo (16 image tokens); `small` learns something in minutes on a CPU
@@ -59,11 +79,17 @@ TINY_SPECS = {
     "small": TinySpec(2048, 128, 4, 4, 4, 64, 2, 64, 8, 2048),
     "tiny-next": TinySpec(512, 32, 2, 4, 2, 32, 2, 16, 4, 1024, init_std=32**-0.5, family="llava_next",
                           grid=((16, 32), (32, 16), (32, 32))),
+    # `tiny` as LLaVA-OneVision: 16-px tiles in grids of up to 3x3, whose features shrink past 4 tiles'
+    # worth (anyres_max_4): the demo images take 76 to 88 image tokens by their shape.
+    "tiny-onevision": TinySpec(512, 32, 2, 4, 2, 32, 2, 16, 4, 1024, init_std=32**-0.5, family="llava_onevision",
+                               grid=tuple((16 * h, 16 * w) for h in (1, 2, 3) for w in (1, 2, 3)), max_tiles=4,
+                               qwen2=True),
 }
 
 
-def build_tokenizer(vocab_size: int):
-    """A byte-level BPE tokenizer trained on the shipped corpus, as a transformers fast tokenizer."""
+def build_tokenizer(vocab_size: int, qwen2: bool = False):
+    """A byte-level BPE tokenizer trained on the shipped corpus, as a transformers fast tokenizer; with
+    `qwen2`, Qwen2's special tokens and no BOS, as LLaVA-OneVision's tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -73,11 +99,15 @@ def build_tokenizer(vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=QWEN2_SPECIAL_TOKENS if qwen2 else SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(corpus.splitlines(), trainer=trainer)
+    if qwen2:
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+            additional_special_tokens=QWEN2_SPECIAL_TOKENS[1:], padding_side="right", model_max_length=4096)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
@@ -99,21 +129,14 @@ def build_tiny(name: str, seed: int = 0):
     import torch
     import transformers
 
-    from medllava.families import get_family
+    from medllava.families import get_family, new_processor
 
     if name not in TINY_SPECS:
         raise ValueError(f"unknown named model {name!r}; choose one of {', '.join(TINY_SPECS)} or a checkpoint folder")
     spec = TINY_SPECS[name]
     family = get_family(spec.family)
-    tokenizer = build_tokenizer(spec.vocab_size)
-    processor = getattr(transformers, family.processor_class)(
-        image_processor=_image_processor(spec),
-        tokenizer=tokenizer,
-        patch_size=spec.patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
-    )
+    tokenizer = build_tokenizer(spec.vocab_size, qwen2=spec.qwen2)
+    processor = new_processor(family, tokenizer=tokenizer, **_processor_parts(spec))
     config = getattr(transformers, family.model_class).config_class(**_config_fields(spec, tokenizer))
     torch.manual_seed(seed)
     model = getattr(transformers, family.model_class)(config)
@@ -123,33 +146,44 @@ def build_tiny(name: str, seed: int = 0):
     return model.eval(), processor
 
 
-def _image_processor(spec: TinySpec):
-    """CLIP's preprocessing at the spec's size; with a grid, LLaVA-NeXT's tiling on top of it."""
+def _processor_parts(spec: TinySpec) -> dict:
+    """The processor's parts and settings other than the tokenizer: LLaVA-OneVision's (tiles resized to a
+    square, a video processor that medllava never calls), or CLIP's preprocessing with, given a grid,
+    LLaVA-NeXT's tiling on top of it."""
+    size = spec.image_size
+    pinpoints = [list(hw) for hw in spec.grid]
+    if spec.qwen2:
+        # The video processor comes from its module: transformers exports it only with torchvision, which it
+        # needs for videos, never for images.
+        from transformers import LlavaOnevisionImageProcessorPil
+        from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
+
+        square = {"height": size, "width": size}
+        return dict(image_processor=LlavaOnevisionImageProcessorPil(size=square, image_grid_pinpoints=pinpoints),
+                    video_processor=LlavaOnevisionVideoProcessor(size=square),
+                    num_image_tokens=(size // spec.patch_size) ** 2, vision_feature_select_strategy="full",
+                    vision_aspect_ratio=f"anyres_max_{spec.max_tiles}", chat_template=CHATML_TEMPLATE)
     from transformers import CLIPImageProcessor, LlavaNextImageProcessor
 
-    size = spec.image_size
     common = {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}, "do_center_crop": True}
-    if spec.grid:
-        return LlavaNextImageProcessor(**common, image_grid_pinpoints=[list(hw) for hw in spec.grid])
-    return CLIPImageProcessor(**common)
+    image_processor = (LlavaNextImageProcessor(**common, image_grid_pinpoints=pinpoints) if spec.grid
+                       else CLIPImageProcessor(**common))
+    return dict(image_processor=image_processor, patch_size=spec.patch_size, vision_feature_select_strategy="default",
+                num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
 
 
 def _config_fields(spec: TinySpec, tokenizer) -> dict:
-    """The model config of the spec: a CLIP tower, a LLaMA language model and the family's own fields."""
-    from transformers import CLIPVisionConfig, LlamaConfig
+    """The model config of the spec: a CLIP tower and a LLaMA language model (or SigLIP and Qwen2) and the
+    family's own fields."""
+    from transformers import CLIPVisionConfig, LlamaConfig, Qwen2Config, SiglipVisionConfig
 
     size = spec.image_size
+    tower = dict(hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 2,
+                 num_hidden_layers=spec.vision_layers, num_attention_heads=2, image_size=size, patch_size=spec.patch_size)
     fields = dict(
-        vision_config=CLIPVisionConfig(
-            hidden_size=spec.vision_hidden,
-            intermediate_size=spec.vision_hidden * 2,
-            num_hidden_layers=spec.vision_layers,
-            num_attention_heads=2,
-            image_size=size,
-            patch_size=spec.patch_size,
-            projection_dim=spec.vision_hidden,
-        ),
-        text_config=LlamaConfig(
+        vision_config=(SiglipVisionConfig(**tower, vision_use_head=False) if spec.qwen2
+                       else CLIPVisionConfig(**tower, projection_dim=spec.vision_hidden)),
+        text_config=(Qwen2Config if spec.qwen2 else LlamaConfig)(
             vocab_size=len(tokenizer),
             hidden_size=spec.hidden,
             intermediate_size=spec.hidden * 2,
@@ -167,6 +201,10 @@ def _config_fields(spec: TinySpec, tokenizer) -> dict:
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )
+    if spec.qwen2:  # OneVision's choice: the last layer's every patch
+        fields.update(vision_feature_layer=-1, vision_feature_select_strategy="full",
+                      video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+                      vision_aspect_ratio=f"anyres_max_{spec.max_tiles}")
     if spec.grid:
         fields["image_grid_pinpoints"] = [list(hw) for hw in spec.grid]
     else:

@@ -1,0 +1,300 @@
+"""LLaVA-OneVision (the `llava_onevision` family) through `adapt`, `finetune`, `eval run`, `chat` and `check` on
+the tiny random `tiny-onevision` (a SigLIP tower, Qwen2, ChatML, tiles whose features shrink past anyres_max_4):
+stage 1 moves exactly the connector, full and LoRA stage 2 what the freeze table says, packed and padded
+batches agree, a head trains and reloads, batched answers and likelihoods equal one question asked alone,
+label spans are exact though each image shape takes its own number of tokens.
+
+transformers 5.25 builds this family's processor only with torchvision (see `medllava.families.new_processor`),
+which CPU machines here lack: the named model is built without it, and a checkpoint folder of the family is
+refused in one line naming torchvision, so each stage here starts from the named model and the saved weights
+are read from their safetensors."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from pydicom.data import get_testdata_file
+from safetensors.torch import load_file
+from transformers import LlavaOnevisionForConditionalGeneration
+from test_adapt import config, stage
+from test_finetune import size
+from test_finetune import config as head_config
+
+from medllava.cli import main
+from medllava.commands import chat
+from medllava.config import from_dict
+from medllava.data import Collator, Encoder
+from medllava.families import FAMILIES, image_inputs, max_image_tokens
+from medllava.finetune.adapt import run_adapt
+from medllava.finetune.config import AdaptConfig
+from medllava.finetune.head_training import run_finetune
+from medllava.heads import load_with_heads
+from medllava.images import load_image
+from medllava.model import CheckpointError, ModelConfig, build_model, module_of, save_model
+from medllava.templates import IGNORE_INDEX, prompt_text, supervised_spans
+from medllava.tiny import demo_data
+
+from medllava.eval.generate import Asking, encode, ensure_pad_token, generate_answers, greedy_config, prompt_for
+from medllava.eval.likelihood import best, reply_text, score_candidates
+from medllava.eval.tasks import load_task
+
+OV = FAMILIES["llava_onevision"]
+DATA, IMAGES = demo_data()
+DEMO_VQA_RAD = IMAGES.parent / "vqa_rad"
+CT = get_testdata_file("CT_small.dcm")
+LORA = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "merge": True}
+NO_TORCHVISION = importlib.util.find_spec("torchvision") is None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model's matrices are too small to share out between threads (see test_eval_run.py)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_ov():
+    """(model, processor) of `tiny-onevision`, float32 on the CPU."""
+    model, processor = build_model(ModelConfig(name_or_path="tiny-onevision"))
+    ensure_pad_token(processor)
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def start_weights(tiny_ov):
+    return {n.removeprefix("model."): p.detach().clone() for n, p in tiny_ov[0].state_dict().items()}
+
+
+def ov_config(run_dir, **overrides) -> AdaptConfig:
+    chat_data = {"path": str(DATA), "image_root": str(IMAGES), "template": "chat_template"}
+    return from_dict(AdaptConfig, config(run_dir, model={"name_or_path": "tiny-onevision"},
+                                         **{"instruct": stage(data=chat_data), **overrides}))
+
+
+def saved_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """A saved model folder's weights under the in-memory names (without the leading "model."), loaded by
+    the model class alone: transformers saves this family in its original on-disk layout."""
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(folder, use_safetensors=True)
+    return {n.removeprefix("model."): p for n, p in model.state_dict().items()}
+
+
+def changed_modules(before: dict, after: dict) -> set[str]:
+    assert before.keys() == after.keys()
+    return {module_of(n, OV.modules) for n in before if not torch.equal(before[n], after[n])}
+
+
+@pytest.mark.slow
+def test_stage_1_trains_exactly_the_connector(tmp_path, start_weights):
+    record = run_adapt(ov_config(tmp_path / "run", align=stage(max_steps=2)), ["align"])["align"]
+    assert record["trained_modules"] == ["multi_modal_projector", "image_newline"]
+    aligned = saved_weights(tmp_path / "run" / "align" / "model")
+    assert changed_modules(start_weights, aligned) == {"multi_modal_projector", "image_newline"}
+    connector = load_file(str(tmp_path / "run" / "align" / "projector.safetensors"))
+    assert {n.split(".")[0] for n in connector} == {"image_newline", "multi_modal_projector"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_stage_2_trains_the_language_model_full_or_through_lora(tmp_path, start_weights, lora):
+    options = {"max_steps": 2, **({"lora": LORA} if lora else {})}
+    cfg = ov_config(tmp_path / "run", instruct=stage(data={"path": str(DATA), "image_root": str(IMAGES),
+                                                              "template": "chat_template"}, **options))
+    record = run_adapt(cfg, ["instruct"])["instruct"]
+    out = tmp_path / "run" / "instruct"
+    moved = changed_modules(start_weights, saved_weights(out / "model"))
+    if not lora:
+        assert moved == {"multi_modal_projector", "image_newline", "language_model", "lm_head"}
+        return
+    # LoRA: adapters merged into the language model and the projector trained; image_newline, a bare
+    # parameter, stays frozen (PEFT saves submodules only).
+    assert record["trained_modules"] == ["multi_modal_projector", "language_model", "lm_head"]
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert any("lora_A" in n for n in adapter) and any("multi_modal_projector" in n for n in adapter)
+    assert not any("vision_tower" in n or "image_newline" in n for n in adapter)
+    assert moved == {"multi_modal_projector", "language_model"}
+
+
+@pytest.mark.slow
+def test_packed_and_padded_stages_log_the_same_first_loss(tmp_path):
+    first = {}
+    for name, options in {"plain": dict(packing=False, sparse_logits=False),
+                          "packed": dict(packing=True, sparse_logits=True)}.items():
+        run_adapt(ov_config(tmp_path / name, instruct=stage(data={"path": str(DATA), "image_root": str(IMAGES),
+                                                                  "template": "chat_template"},
+                                                            max_steps=1, save_steps=1, **options)), ["instruct"])
+        state = tmp_path / name / "instruct" / "checkpoints" / "checkpoint-1" / "trainer_state.json"
+        first[name] = json.loads(state.read_text())["log_history"][0]["loss"]
+    assert first["plain"] == pytest.approx(first["packed"], abs=1e-4)
+
+
+def test_the_feature_cache_and_without_torchvision_a_folder_are_refused(tmp_path, tiny_ov, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("medllava.finetune.stages.build_model", no_loading)
+    cached = ov_config(tmp_path / "cached", align=stage(cache_vision_features="memory"))
+    with pytest.raises(ValueError, match="cache_vision_features does not apply to llava_onevision models: "
+                                         + OV.feature_cache):
+        run_adapt(cached, ["align"])
+    if not NO_TORCHVISION:
+        return
+    folder = save_model(*tiny_ov, tmp_path / "ov")  # a standard folder: the processor saves as usual
+    with pytest.raises(CheckpointError, match=r"^\S+: loading a llava_onevision checkpoint needs torchvision \("):
+        build_model(ModelConfig(name_or_path=str(folder)))
+    with pytest.raises(ValueError, match="needs torchvision"):
+        run_adapt(from_dict(AdaptConfig, config(tmp_path / "f", model={"name_or_path": str(folder)})), ["align"])
+
+
+def ask(model, processor, n: int = 4) -> list[str]:
+    task = load_task("vqa-rad", DEMO_VQA_RAD)
+    examples = task.examples[:n]
+    return chat.answer_batch(model, processor, [load_image(task.image_path(ex)) for ex in examples],
+                             [ex.question for ex in examples], "chat_template", 4)
+
+
+@pytest.mark.slow
+def test_a_head_trains_saves_reloads_and_changes_the_answers(tmp_path, tiny_ov):
+    record = run_finetune(head_config(tmp_path / "vqa", "tiny-onevision", DEMO_VQA_RAD,
+                                      train={"max_steps": 4, "data": {"template": "chat_template"}}))
+    head = Path(record["head"])
+    adapter = load_file(str(head / "adapter_model.safetensors"))
+    assert any("lora_A" in n for n in adapter) and any("multi_modal_projector" in n for n in adapter)
+    assert not any("image_newline" in n for n in adapter) and size(head) < 200_000
+    model, processor, infos = load_with_heads(ModelConfig(name_or_path="tiny-onevision"), [head])
+    assert list(infos) == ["vqa-head"]
+    with_head = ask(model, processor)
+    with model.disable_adapter():
+        plain = ask(model, processor)
+    assert plain == ask(*tiny_ov) and with_head != plain
+
+
+def shaped_examples(processor, n: int) -> tuple[list, list]:
+    """`n` demo questions whose images take different numbers of image tokens, and those images."""
+    task = load_task("vqa-rad", DEMO_VQA_RAD)
+    picked, images, counts = [], [], set()
+    for ex in task.examples:
+        image = load_image(task.image_path(ex))
+        count = image_inputs(processor, [image])[1][0]
+        if count not in counts or len(counts) >= 3:
+            picked.append(ex)
+            images.append(image)
+            counts.add(count)
+        if len(picked) == n:
+            break
+    assert len(counts) >= 2, "the demo images should take different numbers of tokens"
+    return picked, images
+
+
+def test_batched_answers_equal_one_at_a_time(tiny_ov):
+    model, processor = tiny_ov
+    examples, images = shaped_examples(processor, 4)
+    asking = Asking(template="chat_template")
+    prompts = [prompt_for(ex, asking, processor) for ex in examples]
+    batched = generate_answers(model, processor, prompts, images, max_new_tokens=6, template="chat_template")
+    alone = [generate_answers(model, processor, [p], [im], max_new_tokens=6, template="chat_template")[0]
+             for p, im in zip(prompts, images)]
+    assert batched == alone
+    config_ = greedy_config(model, processor, 2, "chat_template")
+    config_.output_scores, config_.return_dict_in_generate = True, True
+    batch = encode(processor, prompts, images, "cpu", torch.float32, add_special_tokens=False)
+    with torch.inference_mode():
+        together = model.generate(**batch, generation_config=config_)
+        for i in range(len(prompts)):
+            single = model.generate(**encode(processor, prompts[i:i + 1], images[i:i + 1], "cpu", torch.float32,
+                                             add_special_tokens=False), generation_config=config_)
+            assert torch.allclose(together.scores[0][i], single.scores[0][0], atol=1e-4)
+
+
+def test_likelihood_scores_match_a_direct_unpadded_computation(tiny_ov):
+    model, processor = tiny_ov
+    examples, images = shaped_examples(processor, 3)
+    questions = [ex.question for ex in examples]
+    candidates = [["yes", "no"], ["CT", "MRI", "ultrasound"], ["yes", "no"]]
+    scores = score_candidates(model, processor, questions, images, candidates, "chat_template")
+    for q, im, options, got in zip(questions, images, candidates, scores):
+        direct = {}
+        for c in options:
+            prompt = prompt_text(q, "chat_template", processor)
+            n_prompt = processor(text=prompt, images=im, return_tensors="pt")["input_ids"].shape[1]
+            full = processor(text=prompt + reply_text(q, c, "chat_template", processor), images=im,
+                             return_tensors="pt")
+            with torch.no_grad():
+                logp = model(**full).logits[0].log_softmax(-1)
+            ids = full["input_ids"][0]
+            direct[c] = sum(logp[i - 1, ids[i]].item() for i in range(n_prompt, len(ids)))
+        assert list(got) == options and best(got) == max(direct, key=direct.get)
+        assert all(math.isclose(got[c], direct[c], abs_tol=1e-3) for c in options), (got, direct)
+
+
+def test_chat_answers_about_a_dicom_and_check_states_the_image_token_budget(tiny_ov, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    chat.register(parser.add_subparsers())
+    args = parser.parse_args(["chat", "--model", "tiny-onevision", "--image", CT, "--question", "Is there a mass?",
+                              "--max-new-tokens", "6"])
+    assert chat.run_chat(args) == 0
+    printed = capsys.readouterr().out.strip()
+    model, processor = tiny_ov
+    (expected,) = chat.answer_batch(model, processor, [load_image(CT)], ["Is there a mass?"], "chat_template", 6)
+    assert printed == expected
+    report = tmp_path / "r.json"
+    assert main(["check", "--model", "tiny-onevision", "--report", str(report)]) == 0
+    checked = json.loads(report.read_text())
+    budget = checked["image_tokens"]
+    counts = sorted(image_inputs(processor, [load_image(IMAGES / json.loads(line)["image"])])[1][0]
+                    for line in DATA.read_text().splitlines())
+    assert checked["template"] == "chat_template" and (budget["min"], budget["max"]) == (counts[0], counts[-1])
+    assert budget["depends_on_image_shape"] is True and budget["max_per_image"] == max_image_tokens(processor)
+    assert (f"images    min {counts[0]}, median {budget['median']}, max {counts[-1]} image tokens per example; "
+            f"per image by its shape, at most {max_image_tokens(processor)}") in capsys.readouterr().out
+
+
+TURNS = [
+    {"from": "human", "value": "What is shown?\n<image>"},
+    {"from": "gpt", "value": "A chest X-ray with a right pleural effusion."},
+    {"from": "human", "value": "Is the heart enlarged?"},
+    {"from": "gpt", "value": "No"},
+]
+
+
+@pytest.mark.parametrize("template", ["chat_template", "plain"])
+def test_every_label_span_decodes_to_exactly_the_assistant_text(tiny_ov, template, tmp_path):
+    model, processor = tiny_ov
+    tok = processor.tokenizer
+    turns = TURNS[:2] if template == "plain" else TURNS
+    replies = [t["value"] for t in turns if t["from"] == "gpt"]
+    shapes = {"wide": load_image(IMAGES / "synpic100132.jpg"), "square": load_image(IMAGES / "synpic100176.jpg"),
+              "tall": load_image(IMAGES / "synpic18651.jpg").crop((0, 0, 40, 105))}
+    for name, image in shapes.items():
+        image.save(tmp_path / f"{name}.png")
+    encoder = Encoder(processor, template=template, image_root=tmp_path)
+    image_id = tok.convert_tokens_to_ids(processor.image_token)
+    encoded, image_tokens = [], set()
+    for name, image in shapes.items():
+        enc = encoder({"id": name, "image": f"{name}.png", "conversations": turns})
+        n = enc["input_ids"].count(image_id)
+        assert n == image_inputs(processor, [image])[1][0]
+        image_tokens.add(n)
+        spans = supervised_spans(enc["labels"])
+        assert len(spans) == len(replies)
+        for (a, b), reply in zip(spans, replies):
+            assert enc["labels"][a:b] == enc["input_ids"][a:b]
+            decoded = tok.decode(enc["input_ids"][a:b], skip_special_tokens=False)
+            assert decoded == reply + ("\n" if template == "plain" else "<|im_end|>\n")
+        supervised = {i for a, b in spans for i in range(a, b)}
+        assert all(lab == IGNORE_INDEX for i, lab in enumerate(enc["labels"]) if i not in supervised)
+        encoded.append(enc)
+    assert len(image_tokens) >= 2  # the count depends on the image's shape
+    batch = Collator(pad_token_id=tok.pad_token_id)(encoded)
+    for key in ("example_ids", "skipped"):
+        batch.pop(key)
+    with torch.no_grad():  # the model raises where a row's image tokens and its image's features differ
+        assert torch.isfinite(model(**batch).loss)
