@@ -3,16 +3,19 @@
 `build_model(cfg)` loads a local checkpoint folder of a supported family or builds a named random-weight
 model. Weights load from safetensors only (never pickle), and remote code stays off unless asked for.
 `TRAINABLE` is the one table of what each curriculum stage trains; a family's connector (the projector,
-and LLaVA-NeXT's `image_newline`) stands for `multi_modal_projector` in it.
+and LLaVA-NeXT's `image_newline`) stands for `multi_modal_projector` in it. `ModelConfig.grid_pinpoints`
+turns a LLaVA-1.5 model into LLaVA-1.5-HD, a llava_next model, as it loads (medllava.hd).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from medllava.config import ConfigError
 from medllava.families import FAMILIES, Family, get_family, model_family
+from medllava.hd import GRID_FIELD, check_pinpoints, to_hd
 from medllava.io import atomic_dir
 from medllava.tiny import TINY_SPECS, build_tiny
 
@@ -52,15 +55,39 @@ class ModelConfig:
     """Allow code shipped inside the checkpoint folder to run. Off: llava-hf checkpoints need none."""
 
     seed: int = 0
-    """Seed for the random weights of a named model."""
+    """Seed for the random weights of a named model, and for the new image_newline of a grid_pinpoints
+    conversion."""
+
+    grid_pinpoints: list[list[int]] = field(default_factory=list)
+    """LLaVA-1.5-HD: tile a llava (LLaVA-1.5) model's images on the best of these grids, [height, width] in
+    pixels, e.g. [[336, 672], [672, 336], [672, 672]]. Each side must be a multiple of the base resolution,
+    the checkpoint's own image size (vision_config.image_size: 336 for llava-1.5). The model loads as a
+    llava_next one: its weights unchanged, plus an image_newline drawn from `seed` (docs/training.md). Empty:
+    the model as saved. On a llava_next model it must equal the model's own grid (its saved stage models
+    included)."""
 
 
 def build_model(cfg: ModelConfig, quantize_4bit: bool = False):
     """Return `(model, processor)` for `cfg`; the model is in eval mode.
 
     `quantize_4bit` loads the language model's linear layers in 4-bit NF4 (QLoRA); it needs a CUDA GPU
-    and bitsandbytes, and leaves the vision tower and projector unquantised.
+    and bitsandbytes, and leaves the vision tower and projector unquantised. With `cfg.grid_pinpoints` on a
+    llava model, the model and processor returned are its LLaVA-1.5-HD (llava_next) conversion.
     """
+    grid = grid_to_add(cfg)
+    if grid and quantize_4bit:
+        raise ConfigError(f"{GRID_FIELD}: the grid conversion needs unquantised weights, and QLoRA loads them in"
+                          " 4 bits; train stage 1 (align) without it: its saved model is a llava_next checkpoint"
+                          " that stage 2 loads with QLoRA")
+    model, processor = _load(cfg, quantize_4bit)
+    if grid:
+        model, processor = to_hd(model, processor, grid, seed=cfg.seed)
+        model.set_attn_implementation(cfg.attn_implementation)
+    return model.eval(), processor
+
+
+def _load(cfg: ModelConfig, quantize_4bit: bool):
+    """The model and processor `cfg` names, as saved (or as its named spec builds them)."""
     dtype = _dtype(cfg.dtype)
     if cfg.name_or_path in TINY_SPECS:
         if quantize_4bit:
@@ -82,14 +109,50 @@ def build_model(cfg: ModelConfig, quantize_4bit: bool = False):
         quantization_config=_nf4_config(dtype, family) if quantize_4bit else None,
     )
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-    return model.eval(), processor
+    return model, processor
 
 
 def family_of(cfg: ModelConfig) -> Family:
-    """The family of the model `cfg` names, known before anything loads."""
+    """The family of the model `cfg` names, known before anything loads (llava_next for a llava model that
+    `grid_pinpoints` converts)."""
+    if grid_to_add(cfg):
+        return FAMILIES["llava_next"]
     if cfg.name_or_path in TINY_SPECS:
         return get_family(TINY_SPECS[cfg.name_or_path].family)
     return check_checkpoint_dir(Path(cfg.name_or_path))
+
+
+def grid_to_add(cfg: ModelConfig) -> list[list[int]]:
+    """The tile grid `build_model` converts the model `cfg` names to (LLaVA-1.5-HD, medllava.hd), checked
+    against the model before anything loads; empty when there is nothing to convert: no grid set, or a grid
+    model's own grid. A one-line ConfigError naming `model.grid_pinpoints` otherwise."""
+    if not cfg.grid_pinpoints:
+        return []
+    family, base, own = _image_geometry(cfg)
+    pinpoints = check_pinpoints(cfg.grid_pinpoints, base)
+    if own:
+        if pinpoints == own:
+            return []
+        raise ConfigError(f"{GRID_FIELD}: {cfg.name_or_path} is a {family.model_type} model with its own grid {own};"
+                          f" leave {GRID_FIELD} empty (or set it to that grid)")
+    if family.model_type != "llava":
+        raise ConfigError(f"{GRID_FIELD}: converts llava (LLaVA-1.5) models only; {cfg.name_or_path} is"
+                          f" {family.model_type}")
+    return pinpoints
+
+
+def _image_geometry(cfg: ModelConfig) -> tuple[Family, int, list[list[int]]]:
+    """The family of the model `cfg` names, its image size (the tile size of a grid) and its own grid
+    (`image_grid_pinpoints`; empty for a single-view model), read from its spec or config.json only."""
+    if cfg.name_or_path in TINY_SPECS:
+        spec = TINY_SPECS[cfg.name_or_path]
+        return get_family(spec.family), spec.image_size, [list(p) for p in spec.grid]
+    family = check_checkpoint_dir(Path(cfg.name_or_path))
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+    own = getattr(config, "image_grid_pinpoints", None) or []
+    return family, config.vision_config.image_size, [list(p) for p in own]
 
 
 def _nf4_config(compute_dtype, family: Family):

@@ -34,6 +34,9 @@ def register(subparsers) -> None:
     p.add_argument("--model", default="tiny",
                    help=f"checkpoint folder of a supported family ({', '.join(FAMILIES)}) or a named model "
                         f"({', '.join(TINY_SPECS)})")
+    p.add_argument("--grid", metavar="HxW,...",
+                   help="LLaVA-1.5-HD: tile a llava model's images on these grids, height x width in pixels (e.g."
+                        " 336x672,672x336,672x672), as model.grid_pinpoints does in training")
     p.add_argument("--template", choices=TEMPLATES,
                    help=f"conversation template (default: the model family's, {DEFAULT_TEMPLATE} for llava)")
     p.add_argument("--max-length", type=int, default=2048, help="token limit per example (default 2048)")
@@ -63,12 +66,14 @@ def run_check(args: argparse.Namespace) -> int:
 
     from medllava.data import Collator, Encoder
     from medllava.families import model_family
+    from medllava.hd import parse_grid
     from medllava.io import atomic_write_json
     from medllava.model import ModelConfig, build_model
     from medllava.records import ReadReport, iter_records
 
     data, image_root = _data_and_root(args.data, args.image_root)
-    model, processor = build_model(ModelConfig(name_or_path=args.model))
+    grid = parse_grid(args.grid) if args.grid else []
+    model, processor = build_model(ModelConfig(name_or_path=args.model, grid_pinpoints=grid))
     template = args.template or model_family(model).default_template
     encoder = Encoder(processor, template=template, image_root=image_root, max_length=args.max_length)
     collator = Collator(pad_token_id=processor.tokenizer.pad_token_id)
