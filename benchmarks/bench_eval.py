@@ -2,23 +2,30 @@
 same model the same questions one at a time with plain transformers, in the same run.
 
     python benchmarks/bench_eval.py                      # `small` random model on the CPU
+    python benchmarks/bench_eval.py --model tiny-next     # LLaVA-NeXT, tiny, on the CPU
     python benchmarks/bench_eval.py --write-random-7b /data/llava-7b-random --device cuda   # once
     python benchmarks/bench_eval.py --model /data/llava-7b-random --device cuda --dtype bfloat16 \\
         --questions 256 --batch-size 32
+    python benchmarks/bench_eval.py --write-random-7b /data/next-7b --shape llava-next-7b --device cuda
 
 Questions are the real VQA-RAD questions and images of the embedded demo set (CC0), repeated
 with fresh ids up to `--questions`, read through the in-house task loader. The batched path is
-`medllava.eval.run.answer_questions`, exactly as `eval run` calls it: image loading, prompts, length-sorted
-left-padded batches, `generate` with the KV cache, and one appended predictions row per answer.
+`medllava.eval.run.answer_questions`, exactly as `eval run` calls it: image loading, prompts, batches
+sorted by full token length (a grid family's image tokens, by each image's size, included), left-padded,
+`generate` with the KV cache, and one appended predictions row per answer.
 The baseline is the plain way: per question, load the image, `processor(text, image)`, then
 `model.generate` with the same greedy settings. Both are timed by the wall clock after a warm-up
 call each, and the answers of the two paths are compared (greedy, so they should agree).
 `--single-questions N` times the one-at-a-time path on the first N questions only (it is the slow one),
-so the two are compared as questions per second; `--json FILE` also writes the figures.
+so the two are compared as questions per second; `--json FILE` also writes the figures. The image
+tokens per question (min/median/max) are stated: a fixed count in LLaVA-1.5, each image's own count (by
+its size) in a grid family such as LLaVA-NeXT.
 
 `--write-random-7b DIR` saves a random-weight checkpoint shaped like LLaVA-1.5-7B (CLIP ViT-L/14 at
-336 px, 576 image tokens; a Llama-2-7B language model) with the toolkit's small BPE tokenizer, so
-the GPU figures need no download. `--layers N` shrinks its language model to check the path on a CPU.
+336 px, 576 image tokens; a Llama-2-7B language model), or with `--shape llava-next-7b` like
+LLaVA-NeXT-7B (llava-v1.6-mistral-7b-hf: the same tower on 336-px tiles up to 672 px, up to 2928 image
+tokens; a Mistral-7B language model), with the toolkit's small BPE tokenizer, so the GPU figures need no
+download (benchmarks/shapes.py). `--layers N` shrinks its language model to check the path on a CPU.
 """
 
 from __future__ import annotations
@@ -36,7 +43,11 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from medllava.eval.generate import Asking, ensure_pad_token, greedy_config, load_example_image, prompt_for  # noqa: E402
+from benchmarks.real_text import spread  # noqa: E402
+from benchmarks.shapes import RANDOM_7B  # noqa: E402
+from medllava.eval.generate import (Asking, ensure_pad_token, greedy_config, image_token_counts,  # noqa: E402
+                                    load_example_image, prompt_for)
+from medllava.families import fixed_image_token_count, processor_family  # noqa: E402
 from medllava.eval.run import answer_questions  # noqa: E402
 from medllava.eval.tasks import load_task  # noqa: E402
 from medllava.tiny import demo_data  # noqa: E402
@@ -67,7 +78,7 @@ def one_at_a_time(model, processor, task, examples, asking: Asking, max_new_toke
     for ex in examples:
         image = load_example_image(task, ex)
         inputs = processor(text=prompt_for(ex, asking, processor), images=image, return_tensors="pt").to(model.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)  # a grid family's image_sizes stay ints
         with torch.inference_mode():
             out = model.generate(**inputs, generation_config=config)
         new = out[0, inputs["input_ids"].shape[1]:]
@@ -98,6 +109,7 @@ def measure(args) -> dict:
         folder = demo_questions(Path(tmp), args.questions)
         task = load_task("inhouse", folder, "bench")
         examples = task.examples
+        image_tokens = image_tokens_per_question(processor, task, examples)
         # Warm-up: first calls pay for kernel selection and allocator growth.
         one_at_a_time(model, processor, task, examples[:1], asking, 2)
         batched(model, processor, task, examples[:args.batch_size], asking, args.batch_size, 2, folder)
@@ -112,7 +124,8 @@ def measure(args) -> dict:
                                          args.max_new_tokens, folder)
     n, n_single = len(examples), len(singles)
     return {
-        "model": args.model, "device": _device_name(args.device), "dtype": args.dtype,
+        "model": args.model, "family": processor_family(processor).model_type,
+        "image_tokens_per_question": spread(image_tokens), "device": _device_name(args.device), "dtype": args.dtype,
         "torch_threads": torch.get_num_threads(), "questions": n, "questions_one_at_a_time": n_single,
         "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
         "generated_tokens_one_at_a_time": single_tokens, "one_at_a_time_s": single_s, "batched_s": batch_s,
@@ -120,6 +133,13 @@ def measure(args) -> dict:
         "speedup": (n / batch_s) / (n_single / single_s),
         "answers_identical": sum(a == b for a, b in zip(single_answers, batch_answers)),
     }
+
+
+def image_tokens_per_question(processor, task, examples) -> list[int]:
+    """The tokens each question's image expands to: the family's fixed count, or each image's own (by its
+    size, as `eval run` sorts by it)."""
+    counts = image_token_counts(processor, task, examples)
+    return counts if counts is not None else [fixed_image_token_count(processor)] * len(examples)
 
 
 def _sync(device: str) -> None:
@@ -133,21 +153,19 @@ def _device_name(device: str) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
 
 
-def write_random_7b(out: Path, layers: int | None, device: str) -> Path:
-    """A random-weight llava-hf checkpoint in LLaVA-1.5-7B's shape, saved in bfloat16."""
-    from transformers import LlavaForConditionalGeneration
+def write_random_7b(out: Path, layers: int | None, device: str, shape: str = "llava-7b") -> Path:
+    """A random-weight llava-hf checkpoint in the 7B `shape` (benchmarks/shapes.py), saved in bfloat16."""
+    from benchmarks.shapes import model_class, random_7b_config, random_7b_processor
 
-    from benchmarks.shapes import llava_7b_config, random_7b_processor
-
-    processor = random_7b_processor()
+    processor = random_7b_processor(shape)
     tokenizer = processor.tokenizer
-    config = llava_7b_config(tokenizer, layers)
+    config = random_7b_config(shape, tokenizer, layers)
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # 7B parameters: never materialise them in float32
     try:
         with torch.device(device):
-            model = LlavaForConditionalGeneration(config)
+            model = model_class(config)(config)
     finally:
         torch.set_default_dtype(default)
     for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
@@ -157,7 +175,8 @@ def write_random_7b(out: Path, layers: int | None, device: str) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="small", help="tiny, small, or a llava-hf checkpoint folder (default small)")
+    p.add_argument("--model", default="small", help="tiny, small, tiny-next, or a checkpoint folder of a supported"
+                                                    " family (llava, llava_next; default small)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--questions", type=int, default=48, help="questions asked on each path (default 48)")
@@ -168,19 +187,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--write-random-7b", type=Path, metavar="DIR",
-                   help="save a random LLaVA-1.5-7B-shaped checkpoint and exit")
+                   help="save a random 7B-shaped checkpoint (--shape) and exit")
+    p.add_argument("--shape", choices=RANDOM_7B, default="llava-7b",
+                   help="with --write-random-7b: LLaVA-1.5-7B or LLaVA-NeXT-7B (Mistral, 672 px) (default llava-7b)")
     p.add_argument("--layers", type=int, help="with --write-random-7b: language-model layers (default 32)")
     return p
 
 
-def main() -> None:
-    args = build_parser().parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.write_random_7b:
-        print(f"wrote {write_random_7b(args.write_random_7b, args.layers, args.device)}")
+        print(f"wrote {write_random_7b(args.write_random_7b, args.layers, args.device, args.shape)}")
         return
     r = measure(args)
-    print(f"model {r['model']} ({r['dtype']}) on {r['device']}, torch threads {r['torch_threads']}; "
-          f"{r['questions']} questions, {r['max_new_tokens']} new tokens at most")
+    tokens = r["image_tokens_per_question"]
+    print(f"model {r['model']} ({r['family']}, {r['dtype']}) on {r['device']}, torch threads {r['torch_threads']}; "
+          f"{r['questions']} questions, {r['max_new_tokens']} new tokens at most; image tokens per question "
+          f"min/median/max {tokens['min']}/{tokens['median']:g}/{tokens['max']}")
     print("| path | seconds | questions/s |\n|---|---|---|")
     print(f"| one at a time (processor + generate per question; {r['questions_one_at_a_time']} questions) "
           f"| {r['one_at_a_time_s']:.2f} | {r['one_at_a_time_qps']:.2f} |")

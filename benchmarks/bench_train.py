@@ -2,6 +2,8 @@
 
     python benchmarks/bench_train.py --stage align --model tiny --steps 20            # CPU, tiny model
     python benchmarks/bench_train.py --stage instruct-lora --model llava-7b --device cuda --batch 16
+    python benchmarks/bench_train.py --stage instruct-lora --model tiny-next --steps 4        # CPU, LLaVA-NeXT
+    python benchmarks/bench_train.py --stage instruct-lora --model llava-next-7b --device cuda --batch 8
     python benchmarks/bench_eval.py --write-random-7b /tmp/llava-7b --device cuda      # then, for QLoRA:
     python benchmarks/bench_train.py --stage instruct-qlora --model /tmp/llava-7b --batch 8 --gradient-checkpointing
 
@@ -18,8 +20,8 @@ checkpoint folder to load in 4-bit). Every path trains the same model from the s
 - packed: as sparse, and packed rows (no padding; attention kept inside each example through position
   ids: block-diagonal masks under sdpa, varlen kernels under flash-attention or flex);
 - grouped: as sparse, batches of similar length (`medllava.finetune.trainer.length_grouped_sampler`);
-- cached (stage 1 only): as sparse, the frozen vision tower answered from a filled
-  `medllava.finetune.vision_cache.VisionFeatureCache`: the steady state of every epoch after the first;
+- cached (stage 1 only, fixed-resolution families only): as sparse, the frozen vision tower answered from a
+  filled `medllava.finetune.vision_cache.VisionFeatureCache`: the steady state of every epoch after the first;
 - compiled (`--compile`): as sparse, the model under torch.compile;
 - packed-flex (CUDA only): as packed, under flex attention whatever `--attn` says;
 - packed-flex-compiled (CUDA only, `--compile`): as packed-flex, each decoder layer of the language model
@@ -42,10 +44,18 @@ Text: real token lengths and turn structure (benchmarks/real_text.py): stage 1 t
 captions, stage 2 the shipped teacher-written multi-turn conversations, both resampled with replacement;
 `--lengths-from FILE` takes a conversation file instead. Each example is encoded by medllava's template
 code (plain for stage 1, vicuna_v1 for stage 2) with the model's tokenizer, so its labels supervise the
-replies only; images are random pixels. The llava-7b shape has random weights and no real tokenizer: it
-uses the stand-in BPE of the random checkpoints, which on these texts gives about 1.5x as many tokens as
-LLaMA-2's tokenizer (measured once on the shipped captions and conversations), so its texts run longer
-than LLaVA-1.5 would see them; a real checkpoint folder brings its own tokenizer.
+replies only; images are random pixels. The 7B shapes (llava-7b, llava-next-7b: benchmarks/shapes.py)
+have random weights and no real tokenizer: they use the stand-in BPE of the random checkpoints, which on
+these texts gives about 1.5x as many tokens as LLaMA-2's tokenizer (measured once on the shipped captions
+and conversations), so their texts run longer than LLaVA-1.5 would see them; a real checkpoint folder
+brings its own tokenizer.
+
+Image tokens come from the model's family (medllava.families): a fixed count per image in LLaVA-1.5; in
+a grid family (LLaVA-NeXT) the count of the image's size, as the processor expands it, every example's
+image being `--image-size` (default: the size that fills the family's largest grid, the most tokens one
+image takes, as a large square scan does: 2928 for llava-next-7b, 88 for tiny-next). The table states the
+tokens per example; a path that cannot apply to the family (the vision feature cache under LLaVA-NeXT) is
+left out, and the reason printed.
 FLOP convention (printed with the table): per example, 2N per token for the language model's forward
 (N = its parameters, embeddings excluded, counted unquantised), x2 with gradients flowing through a
 frozen LLM (stage 1, LoRA, QLoRA: 4N), x3 when it is trained (6N), over every token (image + text, padding
@@ -63,6 +73,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -70,7 +81,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.real_text import TextSource, encode_examples, source_for, spread  # noqa: E402
-from benchmarks.shapes import random_7b_processor  # noqa: E402
+from benchmarks.shapes import RANDOM_7B, model_class, random_7b_config, random_7b_processor  # noqa: E402
 from benchmarks.train_profile import GpuProfile, summary_line  # noqa: E402
 from benchmarks.train_report import flops_per_example, report  # noqa: E402
 from medllava.finetune.compilation import allow_checkpointed_side_effects, compile_decoder_layers  # noqa: E402
@@ -79,7 +90,8 @@ from medllava.finetune.trainer import checkpointing_arguments  # noqa: E402
 from medllava.data import Collator  # noqa: E402
 from medllava.loss import supervised_loss  # noqa: E402
 from medllava.model import TRAINABLE, ModelConfig, build_model, set_trainable  # noqa: E402
-from medllava.families import fixed_image_token_count  # noqa: E402
+from medllava.families import (FAMILIES, Family, UnsupportedModelError, checkpoint_family,  # noqa: E402
+                               image_inputs, processor_family)
 from medllava.tiny import TINY_SPECS  # noqa: E402
 
 CONFIGS = REPO / "finetune" / "configs"
@@ -117,7 +129,7 @@ def qlora_refusal(args) -> str | None:
         missing.append("bitsandbytes (pip install bitsandbytes, or offline: pip install --no-index .wheels/*.whl)")
     if missing:
         return f"instruct-qlora trains on 4-bit NF4 weights and needs {' and '.join(missing)}, which this machine lacks"
-    if args.model in TINY_SPECS or args.model == "llava-7b":
+    if args.model in TINY_SPECS or args.model in RANDOM_7B:
         return ("instruct-qlora loads a checkpoint folder in 4-bit: write a random 7B one with `python"
                 " benchmarks/bench_eval.py --write-random-7b DIR --device cuda` and pass --model DIR")
     return None
@@ -138,18 +150,16 @@ def load_model(args, attn: str = "sdpa", checkpointing: bool = False, plain: boo
     baseline); otherwise as medllava's stages set them up."""
     spec = STAGES[args.stage]
     dtype = getattr(torch, args.dtype)
-    if args.model == "llava-7b":
-        from transformers import LlavaForConditionalGeneration
-
-        from benchmarks.shapes import llava_7b_config
-
-        processor, tokenizer = random_7b_processor(), "the random 7B checkpoints' stand-in BPE tokenizer"
+    if args.model in RANDOM_7B:
+        processor = random_7b_processor(args.model)
+        tokenizer = "the random 7B checkpoints' stand-in BPE tokenizer"
+        # The config takes the tokenizer's ids: its <image> token is what the examples carry.
+        config = random_7b_config(args.model, processor.tokenizer)
         default = torch.get_default_dtype()
         torch.set_default_dtype(dtype)  # 7B parameters: never materialise them in float32 first
         try:
             with torch.device(args.device):
-                # The config takes the tokenizer's ids: its <image> token is what the examples carry.
-                model = LlavaForConditionalGeneration(llava_7b_config(processor.tokenizer))
+                model = model_class(config)(config)
         finally:
             torch.set_default_dtype(default)
         model.set_attn_implementation(attn)
@@ -244,6 +254,55 @@ def run(model, examples, collator, args, loss_func, lengths=None, cache=None, co
     return per_step, peak, tokens["pad"] / max(1, tokens["all"]), profile
 
 
+def model_family_of(model: str) -> Family:
+    """The family of `--model` before anything loads: a named or 7B shape's, or a checkpoint folder's."""
+    if model in TINY_SPECS:
+        return FAMILIES[TINY_SPECS[model].family]
+    if model in RANDOM_7B:
+        return FAMILIES["llava_next" if model == "llava-next-7b" else "llava"]
+    return checkpoint_family(model)
+
+
+def largest_grid_size(processor) -> tuple[int, int]:
+    """(width, height) of the grid pinpoint whose image takes the most tokens."""
+    from PIL import Image
+
+    sizes = [(w, h) for h, w in processor.image_processor.image_grid_pinpoints]
+    return max(sizes, key=lambda size: image_inputs(processor, [Image.new("RGB", size)])[1][0])
+
+
+class ExampleImage(NamedTuple):
+    """Every example's image, as the family's processor prepares it."""
+
+    pixels: dict
+    """The processor's pixel inputs of one image (`pixel_values` (1, 3, H, W), or (1, tiles, 3, H, W) with
+    `image_sizes` (1, 2)); each example gets random pixels of this shape."""
+    size: tuple[int, int]
+    """(width, height) of the image given to the processor."""
+    tokens: int
+    """Tokens its `<image>` expands to."""
+    vision_tokens: int
+    """Patches plus class token of every tile the vision tower sees (LLaVA-NeXT: the downsampled view and
+    each grid tile), for the FLOP count."""
+
+
+def example_image(processor, args) -> ExampleImage:
+    """The image of `--image-size` (a grid family's default: the size filling its largest grid; a fixed-
+    resolution family resizes any image to its one size, so the size is its own)."""
+    from PIL import Image
+
+    if processor_family(processor).fixed_image_tokens:
+        crop = processor.image_processor.crop_size
+        size = args.image_size or (crop["width"], crop["height"])
+    else:
+        size = args.image_size or largest_grid_size(processor)
+    pixels, counts = image_inputs(processor, [Image.new("RGB", size)])
+    values = pixels["pixel_values"]
+    tiles = values.shape[1] if values.dim() == 5 else 1
+    patches = (values.shape[-1] // processor.patch_size) * (values.shape[-2] // processor.patch_size)
+    return ExampleImage(pixels, tuple(size), counts[0], tiles * (patches + 1))
+
+
 def fill_cache(model, examples, batch):
     """A vision feature cache holding every example's image: what the epochs after the first see."""
     from medllava.finetune.vision_cache import VisionFeatureCache
@@ -267,11 +326,12 @@ def measure(options, args, source: TextSource, describe_text: bool = False, attn
     torch.manual_seed(0)
     model, processor, tokenizer = load_model(args, attn, checkpointing, plain=plain)
     base = model.base_model.model if "lora" in STAGES[args.stage] else model
-    n_img = fixed_image_token_count(processor)
+    image = example_image(processor, args)
+    n_img = image.tokens
     template = STAGES[args.stage]["template"]
     examples, too_long = encode_examples(
         source.draw(args.batch * (args.steps + 2)), processor, template, n_img, base.config.image_token_index,
-        base.config.vision_config.image_size, args.max_length)
+        image.pixels, args.max_length)
     if not examples:
         raise SystemExit(f"bench_train: --max-length {args.max_length} cuts the image or first reply of every example")
     if options.get("regional_compile"):
@@ -288,7 +348,7 @@ def measure(options, args, source: TextSource, describe_text: bool = False, attn
         raise RuntimeError(f"cached path ran the vision tower on {cache.computed - len(examples)} images while timed")
     text = [len(e["input_ids"]) - n_img for e in examples]
     mean_text = sum(text) / len(text)
-    flops = flops_per_example(base.config, STAGES[args.stage]["flops"], mean_text + n_img, n_img)
+    flops = flops_per_example(base.config, STAGES[args.stage]["flops"], mean_text + n_img, image.vision_tokens)
     row = {
         "samples/s": args.batch / per_step,
         "tokens/s": args.batch * (mean_text + n_img) / per_step,
@@ -304,6 +364,7 @@ def measure(options, args, source: TextSource, describe_text: bool = False, attn
     whole = encode_examples(source.records, processor, template, n_img, base.config.image_token_index, None, None)[0]
     return row, {
         "source": source.description, "template": template, "tokenizer": tokenizer, "image_tokens": n_img,
+        "family": processor_family(processor).model_type, "image_size": list(image.size),
         "text_tokens_per_example": spread(text),
         "text_tokens_of_real_records": spread([len(e["input_ids"]) - n_img for e in whole]),
         "examples_too_long": too_long,
@@ -354,8 +415,12 @@ def measure_all(paths: list[str], args, source: TextSource) -> tuple[dict, dict 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--stage", choices=list(STAGES), default="align")
-    p.add_argument("--model", default="tiny", help="tiny, small, llava-7b (random weights) or a llava-hf checkpoint"
-                                                   " folder (instruct-qlora needs a folder)")
+    p.add_argument("--model", default="tiny", help=f"{', '.join(TINY_SPECS)}, {', '.join(RANDOM_7B)} (random weights)"
+                                                   " or a checkpoint folder of a supported family (instruct-qlora"
+                                                   " needs a folder)")
+    p.add_argument("--image-size", type=image_size_arg, metavar="WxH",
+                   help="every example's image size in pixels, which sets a grid family's image tokens (default:"
+                        " the size filling its largest grid, the most tokens an image takes)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
     p.add_argument("--batch", type=int, default=8)
@@ -383,13 +448,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def image_size_arg(text: str) -> tuple[int, int]:
+    """`--image-size WxH` as (width, height)."""
+    width, _, height = text.lower().partition("x")
+    if not (width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: give the size as WIDTHxHEIGHT in pixels, e.g. 672x672")
+    return int(width), int(height)
+
+
+def family_refusals(model: str) -> dict[str, str]:
+    """Paths that cannot apply to the family of `--model`, each with the reason. A folder not written yet
+    (benchmarks/gpu_all.sh parses its steps before the random 7B folder exists) refuses none here: loading
+    it says what is wrong."""
+    try:
+        family = model_family_of(model)
+    except UnsupportedModelError:
+        return {}
+    if family.feature_cache:
+        return {"cached": f"cached: left out for {family.model_type} models: {family.feature_cache}"}
+    return {}
+
+
 def stage_paths(args, parser) -> list[str]:
+    refused = family_refusals(args.model)
     available = [name for name in PATHS if (name != "cached" or args.stage == "align")
                  and (name not in ("compiled", "packed-flex-compiled") or args.compile)
-                 and (not name.startswith("packed-flex") or args.device == "cuda")]
+                 and (not name.startswith("packed-flex") or args.device == "cuda") and name not in refused]
     if not args.paths:
         return available
     asked = [name.strip() for name in args.paths.split(",") if name.strip()]
+    for name in asked:
+        if name.partition("@")[0] in refused:
+            parser.error(f"--paths {name}: {refused[name.partition('@')[0]]}")
     unknown = [name for name in asked if name.partition("@")[0] not in available]
     if unknown:
         parser.error(f"--paths {', '.join(unknown)}: stage {args.stage} has {', '.join(available)}")
@@ -415,10 +505,13 @@ def main(argv: list[str] | None = None) -> int:
     if STAGES[args.stage].get("quantize") and (refusal := qlora_refusal(args)):
         print(f"bench_train: {refusal}", file=sys.stderr)
         return 2
+    # Paths the stage would run but the family cannot: said once, in the table and its JSON.
+    left_out = [reason for name, reason in family_refusals(args.model).items()
+                if not args.paths and (name != "cached" or args.stage == "align")]
     source = source_for("align" if args.stage == "align" else "instruct", args.lengths_from)
     results, text = measure_all(paths, args, source)
     spec = STAGES[args.stage]
-    report(args, paths, results, text, spec, lora_settings(spec["lora"]) if "lora" in spec else None)
+    report(args, paths, results, text, spec, lora_settings(spec["lora"]) if "lora" in spec else None, left_out)
     return 0
 
 

@@ -138,9 +138,10 @@ def describe(numbers: dict) -> str:
     return f"{numbers['min']}/{numbers['median']:g}/{numbers['max']}"
 
 
-def encode_examples(records, processor, template, n_image_tokens, image_token_index, image_size, max_length):
-    """Encode conversations as medllava's training data does; images are random pixels `(1, 3, S, S)`
-    (none when `image_size` is None: lengths only).
+def encode_examples(records, processor, template, n_image_tokens, image_token_index, pixels, max_length):
+    """Encode conversations as medllava's training data does; each example's image is random pixels shaped
+    as `pixels` (one image's processor outputs: `pixel_values` `(1, 3, S, S)`, or a grid family's
+    `(1, tiles, 3, S, S)` with its `image_sizes`, copied); none when `pixels` is None (lengths only).
 
     Longer records are cut at `max_length` as training cuts them; returns the examples and how many records
     were left out because the cut would take their image or first reply.
@@ -157,6 +158,7 @@ def encode_examples(records, processor, template, n_image_tokens, image_token_in
         ids = [image_token_index if t == image_id else t for t in enc["input_ids"]]
         examples.append({"id": str(i), "input_ids": ids, "attention_mask": enc["attention_mask"],
                          "labels": enc["labels"], "image_keys": [f"random/{i}.png"]})
-        if image_size is not None:
-            examples[-1]["pixel_values"] = torch.randn(1, 3, image_size, image_size)
+        if pixels is not None:
+            examples[-1].update({key: torch.randn(value.shape) if value.is_floating_point() else value.clone()
+                                 for key, value in pixels.items()})
     return examples, too_long

@@ -23,11 +23,12 @@ def parameter_counts(config) -> tuple[int, int]:
     return n_llm, sum(p.numel() for p in shape.vision_tower.parameters())
 
 
-def flops_per_example(config, llm_flops: int, tokens: float, image_tokens: int) -> float:
+def flops_per_example(config, llm_flops: int, tokens: float, vision_tokens: int) -> float:
     """FLOPs of one example of `tokens` (image + text, mean over the examples): `llm_flops` per language-model
-    parameter and token, and the vision tower's forward over its patch tokens plus its class token."""
+    parameter and token, and the vision tower's forward over `vision_tokens` (its patch and class tokens, over
+    every tile it sees: 577 for LLaVA-1.5's one 336-px image)."""
     n_llm, n_vision = parameter_counts(config)
-    return llm_flops * n_llm * tokens + 2 * n_vision * (image_tokens + 1)
+    return llm_flops * n_llm * tokens + 2 * n_vision * vision_tokens
 
 
 def flop_convention(llm_flops: int) -> str:
@@ -48,7 +49,8 @@ def print_settings(args, device: str, spec: dict, lora, text: dict | None) -> No
     if text is not None:
         print(f"text: {text['source']}; {text['template']} template, {text['tokenizer']}; text tokens per example"
               f" min/median/max {describe(text['text_tokens_per_example'])} (the real records whole:"
-              f" {describe(text['text_tokens_of_real_records'])}), + {text['image_tokens']} image tokens"
+              f" {describe(text['text_tokens_of_real_records'])}), + {text['image_tokens']} image tokens per example"
+              f" ({text['family']}: {text['image_size'][0]}x{text['image_size'][1]} images)"
               + (f"; {text['examples_too_long']} drawn examples left out (--max-length would cut their image or"
                  " first reply)" if text["examples_too_long"] else ""))
 
@@ -75,14 +77,18 @@ def print_table(paths: list[str], results: dict) -> dict:
     return ratios
 
 
-def report(args, paths: list[str], results: dict, text: dict | None, spec: dict, lora) -> dict:
-    """Print the table of stage `spec` (`lora`: its LoRA settings, or None) and, with `--json`, write
-    everything it shows to that file; returns that."""
+def report(args, paths: list[str], results: dict, text: dict | None, spec: dict, lora,
+           left_out: list[str] = ()) -> dict:
+    """Print the table of stage `spec` (`lora`: its LoRA settings, or None; `left_out`: a line per path the
+    model's family cannot run, with why) and, with `--json`, write everything it shows to that file;
+    returns that."""
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print_settings(args, device, spec, lora, text)
     convention = flop_convention(spec["flops"])
     print(convention)
     ratios = print_table(paths, results)
+    for line in left_out:
+        print(line)
     table = {
         "stage": args.stage, "model": args.model, "device": device, "dtype": args.dtype, "batch": args.batch,
         "steps": args.steps, "micro_batch": args.micro_batch or args.batch,
@@ -91,6 +97,7 @@ def report(args, paths: list[str], results: dict, text: dict | None, spec: dict,
                                            "target_modules": list(lora.target_modules),
                                            "quantize_4bit": bool(spec.get("quantize"))},
         "text": text, "flop_convention": convention, "paths": results, "vs_baseline": ratios,
+        "left_out": list(left_out),
     }
     if args.json:
         atomic_write_json(args.json, table)

@@ -4,12 +4,16 @@ How a question is asked (`Asking`: template, prompt style, closed options) is de
 per run; `prompt_for` turns an `Example` into the generation prompt with one `<image>`
 placeholder, which the processor expands to the image's tokens.
 
-Batches are cut from the questions sorted by prompt length, longest first, so each batch
-pads little and a batch that does not fit in memory fails at the start of the run, not
-at the end. (The sort is by text; in a grid family such as LLaVA-NeXT each image adds its
-own number of tokens, by its shape, which the sort does not see: see `medllava.families`.) Padding is on the left: every row then ends at the last column, where
-generation continues, and `generate` derives position ids from the attention mask, so a
-padded row gets the same greedy answer as the same question asked alone.
+Batches are cut from the questions sorted by their full token length, longest first, so each
+batch pads little and a batch that does not fit in memory fails at the start of the run, not
+at the end. The full length is the prompt's tokens with its `<image>` expanded: in a fixed-
+resolution family every image adds the same count, so the text decides; in a grid family such
+as LLaVA-NeXT the image's tokens (1-3k for a 7B model) depend on its size and dominate, so
+`image_token_counts` reads each image's size from its header and asks the processor what that
+size expands to, once per size (`medllava.families.image_inputs`). Padding is on the left: every
+row then ends at the last column, where generation continues, and `generate` derives position
+ids from the attention mask, so a padded row gets the same greedy answer as the same question
+asked alone.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from medllava.families import processor_family
+from medllava.families import image_inputs, processor_family
 from medllava.images import ImageLoadError, load_image
 from medllava.question_styles import YES_NO, format_question
 from medllava.templates import DEFAULT_TEMPLATE, get_template, prompt_text
@@ -82,15 +86,70 @@ def ensure_pad_token(processor) -> None:
         tok.pad_token = tok.eos_token or tok.unk_token
 
 
-def length_batches(prompts: Sequence[str], tokenizer, batch_size: int) -> list[list[int]]:
-    """Indices of `prompts` cut into batches of similar token length, longest first."""
+def length_batches(prompts: Sequence[str], tokenizer, batch_size: int,
+                   image_tokens: Sequence[int] | None = None) -> list[list[int]]:
+    """Indices of `prompts` cut into batches of similar token length, longest first.
+
+    `image_tokens[i]` is what the one `<image>` of `prompts[i]` expands to (`image_token_counts`); None
+    where every image takes the same count, so the text alone decides the order.
+    """
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    if image_tokens is not None and len(image_tokens) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(image_tokens)} image-token counts")
     if not prompts:
         return []
     lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    if image_tokens is not None:  # the placeholder is one token of the prompt; expanded, it is the image's
+        lengths = [n + tokens - 1 for n, tokens in zip(lengths, image_tokens)]
     order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def image_token_counts(processor, task: Task, examples: Sequence[Example]) -> list[int] | None:
+    """Tokens each example's `<image>` expands to, for sorting by full length; None in a fixed-resolution
+    family (the same count for every image: no image is opened).
+
+    In a grid family the count depends on the image's size only: the size is read from the file's header
+    (`image_size`), and the processor's own expansion is asked once per distinct size. An image whose size
+    cannot be read counts 0: its question is skipped when its batch loads the image.
+    """
+    if processor_family(processor).fixed_image_tokens:
+        return None
+    from PIL import Image
+
+    by_size: dict[tuple[int, int], int] = {}
+    counts = []
+    for example in examples:
+        size = image_size(task, example)
+        if size is not None and size not in by_size:
+            by_size[size] = image_inputs(processor, [Image.new("RGB", size)])[1][0]
+        counts.append(by_size.get(size, 0))
+    return counts
+
+
+def image_size(task: Task, example: Example) -> tuple[int, int] | None:
+    """`(width, height)` of the example's image as `load_example_image` would give it, None when unreadable.
+
+    Pillow reads the header only (and EXIF orientation 5-8, which the loader applies, swaps the sides);
+    files Pillow cannot open (DICOM) go through the loader.
+    """
+    from PIL import Image
+
+    source = io.BytesIO(example.image_bytes) if example.image_bytes is not None else task.image_path(example)
+    if source is None:
+        return None
+    try:
+        with Image.open(source) as im:
+            width, height = im.size
+            turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+        return (height, width) if turned else (width, height)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        pass
+    try:
+        return load_example_image(task, example).size
+    except ImageLoadError:
+        return None
 
 
 @contextlib.contextmanager

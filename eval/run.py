@@ -188,14 +188,14 @@ def answer_questions(model, processor, task: Task, examples: Sequence[Example], 
 
 def _batches(processor, task: Task, group: list[Example], asking: Asking, batch_size: int,
              stats: RunStats) -> Iterator[tuple[list[Example], list, int]]:
-    """Yield `(examples, images, questions tried)` per length-sorted batch, leaving out (and noting in
-    `stats`) the questions whose image cannot be read."""
+    """Yield `(examples, images, questions tried)` per batch sorted by full token length (image tokens
+    included), leaving out (and noting in `stats`) the questions whose image cannot be read."""
     from medllava.images import ImageLoadError
 
-    from medllava.eval.generate import length_batches, load_example_image, prompt_for
+    from medllava.eval.generate import image_token_counts, length_batches, load_example_image, prompt_for
 
     prompts = [prompt_for(ex, asking, processor) for ex in group]
-    for indices in length_batches(prompts, processor.tokenizer, batch_size):
+    for indices in length_batches(prompts, processor.tokenizer, batch_size, image_token_counts(processor, task, group)):
         batch, images = [], []
         for i in indices:
             try:

@@ -1,5 +1,7 @@
 """The GPU benchmarks' CPU-checkable parts: the QLoRA stage refuses a machine it cannot run on, the
-examples' text comes from the shipped real data by default, and benchmarks/gpu_all.sh's commands parse."""
+examples' text comes from the shipped real data by default, benchmarks/gpu_all.sh's commands parse, the 7B
+shapes build, and both benchmarks run LLaVA-NeXT (tiny-next, and a checkpoint folder of it) with the image
+tokens of its family and without the paths it cannot take."""
 
 from __future__ import annotations
 
@@ -183,6 +185,7 @@ def test_a_path_out_of_gpu_memory_is_reported_and_the_others_still_run(bench_tra
         row = {"samples/s": 4.0 if options["sparse_logits"] else 2.0, "tokens/s": 1.0, "TFLOP/s": 1.0,
                "pad %": 0.0, "peak GiB": None, "micro-batch": micro, "checkpointing": checkpointing}
         return row, ({"source": "s", "template": "t", "tokenizer": "k", "image_tokens": 1, "examples_too_long": 0,
+                      "family": "llava", "image_size": [16, 16],
                       "text_tokens_per_example": {"min": 1, "median": 2, "max": 3, "n": 3},
                       "text_tokens_of_real_records": {"min": 1, "median": 2, "max": 3, "n": 3}}
                      if describe_text else None)
@@ -226,14 +229,99 @@ def test_a_path_that_fails_otherwise_is_reported_and_the_others_still_run(bench_
     assert "RuntimeError: no flex kernel here" in capsys.readouterr().err
 
 
-def test_the_7b_shape_expects_the_image_token_its_processor_writes(bench_train):
+@pytest.mark.parametrize("shape,params", [("llava-7b", 7.06e9), ("llava-next-7b", 7.57e9)])
+def test_the_7b_shape_expects_the_image_token_its_processor_writes(bench_train, shape, params):
     # Built on the meta device: the shape and its ids, no 7B of memory.
     import argparse
 
     model, processor, _ = bench_train.load_model(
-        argparse.Namespace(stage="align", model="llava-7b", device="meta", dtype="float32"))
+        argparse.Namespace(stage="align", model=shape, device="meta", dtype="float32"))
     assert model.config.image_token_index == processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-    assert sum(p.numel() for p in model.parameters()) > 7e9
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(params, rel=0.01)
+    assert bench_train.model_family_of(shape).model_type == model.config.model_type
+
+
+def test_the_llava_next_7b_shape_is_llava_v1_6_mistral_at_672_px(bench_train):
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    from benchmarks.shapes import random_7b_processor, shape_config
+    from medllava.families import max_image_tokens
+
+    config, defaults = shape_config("llava-next-7b"), LlavaNextConfig()
+    for key in ("image_grid_pinpoints", "vision_feature_layer", "vision_feature_select_strategy", "image_seq_length"):
+        assert getattr(config, key) == getattr(defaults, key), key
+    assert config.image_grid_pinpoints == [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    text, vision = config.text_config, config.vision_config
+    assert (text.model_type, text.num_key_value_heads, text.intermediate_size, text.vocab_size) == \
+        ("mistral", 8, 14336, 32064)
+    assert (vision.image_size, vision.patch_size, vision.hidden_size, vision.num_hidden_layers) == (336, 14, 1024, 24)
+    assert bench_train.model_class(config) is LlavaNextForConditionalGeneration
+    processor = random_7b_processor("llava-next-7b")
+    # The 2x2 grid of 24x24 features with a newline per row, plus the 576 of the downsampled view.
+    assert max_image_tokens(processor) == 48 * 49 + 576 == 2928
+    assert bench_train.largest_grid_size(processor) == (672, 672)
+
+
+@pytest.fixture(scope="module")
+def next_checkpoint(tmp_path_factory):
+    """tiny-next saved as a llava_next checkpoint folder."""
+    from medllava.model import ModelConfig, build_model, save_model
+
+    model, processor = build_model(ModelConfig(name_or_path="tiny-next"))
+    return save_model(model, processor, tmp_path_factory.mktemp("ckpt") / "tiny-next")
+
+
+def test_the_feature_cache_path_is_refused_for_llava_next_with_the_reason(bench_train, next_checkpoint, capsys):
+    from medllava.families import FAMILIES
+
+    parser = bench_train.build_parser()
+    for model in ("tiny-next", str(next_checkpoint)):
+        args = parser.parse_args(["--model", model])
+        assert "cached" not in bench_train.stage_paths(args, parser)
+        with pytest.raises(SystemExit):
+            bench_train.stage_paths(parser.parse_args(["--model", model, "--paths", "baseline,cached"]), parser)
+        assert FAMILIES["llava_next"].feature_cache in capsys.readouterr().err
+    assert "cached" in bench_train.stage_paths(parser.parse_args(["--model", "tiny"]), parser)
+    assert parser.parse_args(["--image-size", "672x336"]).image_size == (672, 336)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--image-size", "672"])
+
+
+@pytest.mark.slow
+def test_tiny_next_trains_every_path_it_can_with_its_image_tokens(bench_train, tmp_path, capsys, one_thread):
+    from medllava.families import FAMILIES, max_image_tokens
+    from medllava.model import ModelConfig, build_model
+
+    out = tmp_path / "align.json"
+    argv = ["--stage", "align", "--model", "tiny-next", "--device", "cpu", "--dtype", "float32", "--steps", "3",
+            "--batch", "2", "--json", str(out)]
+    assert bench_train.main(argv) == 0
+    table, printed = json.loads(out.read_text()), capsys.readouterr().out
+    _, processor = build_model(ModelConfig(name_or_path="tiny-next"))
+    # Every example's image fills the largest grid: the most tokens one image takes, as the processor counts.
+    assert table["text"]["image_tokens"] == max_image_tokens(processor) == 88
+    assert table["text"]["family"] == "llava_next" and table["text"]["image_size"] == [32, 32]
+    assert "+ 88 image tokens per example (llava_next: 32x32 images)" in printed
+    assert set(table["paths"]) == {"baseline", "sparse", "packed", "grouped"}
+    assert all(row["samples/s"] > 0 for row in table["paths"].values())
+    assert set(table["vs_baseline"]) == {"sparse", "packed", "grouped"} and "packed / baseline samples/s" in printed
+    reason = f"cached: left out for llava_next models: {FAMILIES['llava_next'].feature_cache}"
+    assert table["left_out"] == [reason] and reason in printed
+
+
+@pytest.mark.slow
+def test_eval_benchmark_runs_a_llava_next_folder_against_one_at_a_time(next_checkpoint, tmp_path, capsys, one_thread):
+    bench_eval = _load("bench_eval")
+    out = tmp_path / "eval.json"
+    bench_eval.main(["--model", str(next_checkpoint), "--questions", "8", "--batch-size", "4", "--max-new-tokens",
+                     "4", "--json", str(out)])
+    result, printed = json.loads(out.read_text()), capsys.readouterr().out
+    tokens = result["image_tokens_per_question"]
+    # The demo images are of several shapes, so their questions take different numbers of image tokens.
+    assert result["family"] == "llava_next" and tokens["n"] == 8 and 36 <= tokens["min"] < tokens["max"] <= 88
+    assert f"image tokens per question min/median/max {tokens['min']}/{tokens['median']:g}/{tokens['max']}" in printed
+    assert result["answers_identical"] == 8 and "answers identical on 8/8" in printed
+    assert result["batched_qps"] > 0 and f"speed-up {result['speedup']:.2f}x" in printed
 
 
 def test_the_input_benchmark_loads_every_example_and_derives_gpu_idle_from_its_rates(tmp_path, capsys):

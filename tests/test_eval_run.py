@@ -23,14 +23,16 @@ from medllava.cli import main
 from medllava.heads import HeadInfo
 from medllava.templates import prompt_text
 
-from medllava.eval.generate import Asking, encode, generate_answers, greedy_config, length_batches, prompt_for
+from medllava.eval.generate import (Asking, encode, ensure_pad_token, generate_answers, greedy_config, image_size,
+                                    image_token_counts, length_batches, load_example_image, prompt_for)
 from medllava.eval.likelihood import best, reply_text, score_candidates
 from medllava.eval.predictions import read_predictions
-from medllava.eval.run import resolve_asking
+from medllava.eval.run import answer_questions, resolve_asking
 from medllava.eval.tasks import load_task
 from random_heads import make_head
 
 VQA_RAD = Path(__file__).parent / "assets" / "eval" / "vqa_rad"
+DEMO_VQA_RAD = Path(__file__).resolve().parents[1] / "medllava" / "assets" / "demo" / "vqa_rad"  # real images
 BROKEN, MISSING = "synpic35914.jpg", "synpic34515.jpg"  # the images of questions 733 and 47
 UNREADABLE = {"733", "47"}
 
@@ -173,6 +175,95 @@ def test_batches_are_length_sorted():
 
     prompts = ["a", "a b c", "a b", "a b c d", "a b c"]
     assert length_batches(prompts, Tok(), 2) == [[3, 1], [4, 2], [0]]
+
+
+def test_image_tokens_count_in_the_sort_only_where_given():
+    class Tok:
+        def __call__(self, texts, add_special_tokens):
+            return {"input_ids": [t.split() for t in texts]}
+
+    prompts = ["a", "a b c", "a b", "a b c d", "a b c"]
+    assert length_batches(prompts, Tok(), 2, [1] * 5) == length_batches(prompts, Tok(), 2) == [[3, 1], [4, 2], [0]]
+    assert length_batches(prompts, Tok(), 2, [9, 1, 1, 1, 4]) == [[0, 4], [3, 1], [2]]
+    with pytest.raises(ValueError, match="5 prompts but 4 image-token counts"):
+        length_batches(prompts, Tok(), 2, [1] * 4)
+
+
+def test_a_fixed_family_opens_no_image_to_sort(tiny, monkeypatch):
+    def no_opening(*args, **kwargs):
+        raise AssertionError("an image was opened")
+
+    monkeypatch.setattr(Image, "open", no_opening)
+    task = load_task("vqa-rad", DEMO_VQA_RAD)
+    assert image_token_counts(tiny[1], task, task.examples) is None
+
+
+@pytest.fixture(scope="module")
+def tiny_next():
+    from medllava.model import ModelConfig, build_model
+
+    model, processor = build_model(ModelConfig(name_or_path="tiny-next"))
+    ensure_pad_token(processor)
+    return model, processor
+
+
+def test_grid_family_image_sizes_are_the_loaders_and_counts_the_processors(tiny_next, tmp_path):
+    from imaging import bundled
+
+    _, processor = tiny_next
+    turned = tmp_path / "turned.jpg"  # stored 60x20 with EXIF orientation 6: the loader turns it to 20x60
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (60, 20)).save(turned, exif=exif)
+    files = [DEMO_VQA_RAD / "images" / "synpic50958.jpg", turned, bundled("CT_small.dcm"), tmp_path / "gone.png"]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps({"qid": str(i), "image": str(f), "question": "What?",
+                                                          "answer": "x"}) + "\n" for i, f in enumerate(files)))
+    task = load_task("inhouse", tmp_path, "q")
+    loaded = [load_example_image(task, ex) for ex in task.examples[:3]]
+    assert [image_size(task, ex) for ex in task.examples] == [im.size for im in loaded] + [None]
+    assert loaded[1].size == (20, 60)
+    own = [encode(processor, [prompt_for(ex, Asking(), processor)], [im], "cpu", torch.float32)["input_ids"][0]
+           .eq(processor.tokenizer.convert_tokens_to_ids(processor.image_token)).sum().item()
+           for ex, im in zip(task.examples, loaded)]
+    assert image_token_counts(processor, task, task.examples) == own + [0]  # the unreadable one is skipped later
+    assert len(set(own)) == 3
+
+
+def test_grid_family_batches_by_full_length_and_batched_answers_equal_one_at_a_time(tiny_next, tmp_path,
+                                                                                      monkeypatch):
+    from transformers import LlavaNextForConditionalGeneration
+
+    from medllava.io import JsonlLog
+
+    model, processor = tiny_next
+    task = load_task("vqa-rad", DEMO_VQA_RAD)
+    examples = task.examples[:16]
+    prompts = [prompt_for(ex, Asking(), processor) for ex in examples]
+    imgs = [load_example_image(task, ex) for ex in examples]
+    full = [encode(processor, [p], [im], "cpu", torch.float32)["input_ids"].shape[1] for p, im in zip(prompts, imgs)]
+    counts = image_token_counts(processor, task, examples)
+    assert len(set(counts)) >= 3  # real images of several shapes: 52 to 88 tokens each
+    batches = length_batches(prompts, processor.tokenizer, 4, counts)
+    longest = sorted(full)[-4:]
+    assert sorted(full[i] for i in batches[0]) == longest
+    by_text = length_batches(prompts, processor.tokenizer, 4)
+    assert sorted(full[i] for i in by_text[0]) != longest  # the text alone would not have put them first
+    # eval run's own path: each batch reaching generate holds rows no shorter than the next batch's, and
+    # the answers are those of each question asked alone.
+    rows_by_batch, original = [], LlavaNextForConditionalGeneration.generate
+
+    def spy(self, *args, **kwargs):
+        rows_by_batch.append(kwargs["attention_mask"].sum(1).tolist())  # each row's own length, unpadded
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlavaNextForConditionalGeneration, "generate", spy)
+    with JsonlLog(tmp_path / "predictions.jsonl") as log:
+        answer_questions(model, processor, task, examples, Asking(), log, batch_size=4, max_new_tokens=4)
+        batched = {row["qid"]: row["prediction"] for row in log.rows()}
+    assert len(rows_by_batch) == 4 and sorted(rows_by_batch[0]) == longest
+    assert all(min(a) >= max(b) for a, b in zip(rows_by_batch, rows_by_batch[1:]))
+    alone = [generate_answers(model, processor, [p], [im], max_new_tokens=4)[0] for p, im in zip(prompts, imgs)]
+    assert [batched[ex.qid] for ex in examples] == alone
 
 
 def test_batched_answers_equal_one_at_a_time(tiny, vqa_root):
