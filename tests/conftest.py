@@ -34,6 +34,29 @@ def tiny_checkpoint(tmp_path_factory, tiny):
     return save_model(model, processor, tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
+@pytest.fixture(scope="session")
+def demo_workdir(tmp_path_factory) -> Path:
+    """A working directory laid out like the repository root (its folders linked at the same relative
+    paths) in which `medllava demo --out runs/demo` has run once. The demo tests read its outputs and the
+    docs' commands run here (their `medllava demo --out runs/demo` then resumes the finished run), so the
+    suite pays for one whole demo."""
+    import torch
+
+    from medllava.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    workdir = tmp_path_factory.mktemp("workdir")
+    for entry in root.iterdir():
+        if not entry.name.startswith(".") and entry.name != "runs":
+            (workdir / entry.name).symlink_to(entry)
+    threads = torch.get_num_threads()
+    try:
+        assert main(["demo", "--out", str(workdir / "runs" / "demo")]) == 0  # on one thread, as the demo runs
+    finally:
+        torch.set_num_threads(threads)
+    return workdir
+
+
 # The real sample data (its README says what is there) sits at ../shared/data beside the checkout, as in CI;
 # MEDLLAVA_SHARED_DATA points elsewhere.
 SHARED_DATA_VARIABLE = "MEDLLAVA_SHARED_DATA"

@@ -189,18 +189,9 @@ def test_every_repository_path_and_medllava_module_the_docs_name_exists():
 # --- the runnable blocks -------------------------------------------------------------------------
 
 
-def _scratch(tmp_path: Path) -> Path:
-    """A working directory in which the repository's folders sit at the same relative paths as from the
-    repository root (linked, read only in practice: every block writes under runs/)."""
-    for entry in ROOT.iterdir():
-        if not entry.name.startswith(".") and entry.name != "runs":
-            (tmp_path / entry.name).symlink_to(entry)
-    return tmp_path
-
-
 @pytest.mark.slow
-def test_every_bash_block_runs_offline_and_exits_0(tmp_path):
-    cwd = _scratch(tmp_path)
+def test_every_bash_block_runs_offline_and_exits_0(demo_workdir):
+    cwd = demo_workdir
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            # `medllava` and `python` of the interpreter running the tests
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}

@@ -1,19 +1,21 @@
 """LLaVA-NeXT through `adapt` and `finetune`, on the tiny random `tiny-next` model: each stage moves what the
 family's freeze table says (stage 1: the projector and image_newline), LoRA leaves the bare image_newline
 frozen, packed and padded batches agree, the vision feature cache is refused before anything loads, a head
-trains and reloads, a resumed stage ends where an uninterrupted one does, and a folder written by
-transformers itself (sharded weights) trains through both commands."""
+trains and reloads, a resumed stage ends where an uninterrupted one does, DeepSpeed ZeRO-2 trains it, and a
+folder written by transformers itself (sharded weights) trains through both commands."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_adapt import config, stage
+from test_adapt import REPO, config, free_port, stage, write_config
 from test_finetune import ask, size
 from test_finetune import config as head_config
 
@@ -60,6 +62,7 @@ def next_checkpoint(tmp_path_factory):
     return save_model(model, processor, tmp_path_factory.mktemp("ckpt") / "tiny-next")
 
 
+@pytest.mark.slow
 def test_stage_1_trains_the_connector_and_stage_2_the_language_model_too(tmp_path, start_weights):
     records = run_adapt(next_config(tmp_path / "run"), ["align", "instruct"])
     run = tmp_path / "run"
@@ -76,6 +79,7 @@ def test_stage_1_trains_the_connector_and_stage_2_the_language_model_too(tmp_pat
                                                    "lm_head"}
 
 
+@pytest.mark.slow
 def test_lora_trains_adapters_and_projector_and_leaves_image_newline_frozen(tmp_path, start_weights):
     record = run_adapt(next_config(tmp_path / "run", instruct=stage(lora=LORA)), ["instruct"])["instruct"]
     out = tmp_path / "run" / "instruct"
@@ -124,6 +128,7 @@ def test_qlora_without_a_gpu_says_what_it_needs(tmp_path, next_checkpoint):
         run_adapt(cfg, ["instruct"])
 
 
+@pytest.mark.slow
 def test_packed_and_padded_stages_log_the_same_first_loss(tmp_path):
     first = {}
     for name, options in {"plain": dict(packing=False, sparse_logits=False),
@@ -134,6 +139,7 @@ def test_packed_and_padded_stages_log_the_same_first_loss(tmp_path):
     assert first["plain"] == pytest.approx(first["packed"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_compile_layers_finds_the_decoder_layers_and_the_memory_probe_runs(tmp_path):
     model, _ = build_model(ModelConfig(name_or_path="tiny-next"))
     assert decoder_layers(model) is model.model.language_model.layers and len(decoder_layers(model)) == 2
@@ -144,6 +150,7 @@ def test_compile_layers_finds_the_decoder_layers_and_the_memory_probe_runs(tmp_p
     assert record["activation_checkpointing"]["used"] is False and probe["examples"] == 2 and probe["tokens"] > 2 * 36
 
 
+@pytest.mark.slow
 def test_a_head_trains_saves_reloads_and_changes_the_answers(tmp_path, next_checkpoint):
     record = run_finetune(head_config(tmp_path / "vqa", next_checkpoint, VQA_RAD))
     head = Path(record["head"])
@@ -184,6 +191,7 @@ def test_a_resumed_stage_ends_with_the_uninterrupted_runs_weights(tmp_path, name
     assert changed_modules(start, a) and all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
 
 
+@pytest.mark.slow
 def test_adapt_and_finetune_train_a_folder_transformers_wrote(tmp_path, capsys):
     import yaml
 
@@ -205,3 +213,25 @@ def test_adapt_and_finetune_train_a_folder_transformers_wrote(tmp_path, capsys):
                 "train.gradient_checkpointing=false", "train.lora.r=4", "train.lora.alpha=8"]) == 0
     assert f"head saved to {tmp_path / 'head' / 'head-head'}" in capsys.readouterr().out
     load_with_heads(ModelConfig(name_or_path=str(hub)), [tmp_path / "head" / "head-head"])
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_trains_the_grid_model_on_cpu(tmp_path):
+    # As tests/test_adapt.py's DeepSpeed test, on tiny-next: stage 2 under ZeRO-2 in one process launched by
+    # torch.distributed.run, whose image_sizes travel with pixel_values through DeepSpeed's engine. Resuming
+    # from DeepSpeed's own checkpoint is the same code for every family, and tested there.
+    pytest.importorskip("deepspeed")
+    two = stage(max_steps=2, save_steps=2, learning_rate=1e-2, warmup_ratio=0.0)
+    cfg = write_config(tmp_path / "c.yaml", config(tmp_path / "run", model={"name_or_path": "tiny-next"},
+                                                   instruct=two, deepspeed=str(REPO / "finetune/configs/zero2.json")))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-addr",
+                "127.0.0.1", "--master-port", str(free_port()), "-m", "medllava.cli"]
+    out = subprocess.run([*launcher, "adapt", "--config", str(cfg), "--stage", "instruct"], cwd=REPO,
+                         capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    stage_dir = tmp_path / "run" / "instruct"
+    ckpt = stage_dir / "checkpoints" / "checkpoint-2"
+    assert (ckpt / "global_step2").is_dir()  # DeepSpeed's own layout: ZeRO really ran
+    assert not list(ckpt.glob("*.safetensors"))
+    assert changed_modules(weights("tiny-next"), weights(stage_dir / "model")) == {
+        "multi_modal_projector", "image_newline", "language_model", "lm_head"}

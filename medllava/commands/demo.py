@@ -61,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    work = args.out
+    # Resolved: the configs it writes name absolute paths, so a rerun that spells the folder another way
+    # (relative, from elsewhere) finds its own run and resumes it instead of refusing a "different" config.
+    work = args.out.resolve()
     started = time.time()
     steps = [
         ("inputs", lambda: prepare_inputs(work)),
