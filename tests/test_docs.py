@@ -211,3 +211,28 @@ def test_every_bash_block_runs_offline_and_exits_0(demo_workdir):
             ran += 1
     print("\n".join(timings))
     assert ran >= 5, f"only {ran} ```bash blocks found"
+
+
+def test_every_test_the_docs_cite_exists():
+    """The family table backs each cell with a named test (`file::test`, or an abbreviation the page
+    defines: "`test_x.py` is shortened to `x`"); each must be a test function of that file."""
+    cited, missing = 0, []
+    for page in pages():
+        text = page.read_text()
+        legend = re.findall(r"`(test_\w+)\.py`(?:\s+is\s+shortened)?\s+to\s+`(\w+)`", text)
+        short = {abbr: name for name, abbr in legend}
+        for span in CODE_SPAN.findall(text):
+            match = re.fullmatch(r"(\w+)::(test_\w+)(\[[^\]]*\])?", span)
+            if not match:
+                continue
+            cited += 1
+            module = short.get(match[1], match[1])
+            path = ROOT / "tests" / f"{module}.py"
+            if not path.is_file() or match[2] not in _names_defined_in(path):
+                missing.append(f"{page.relative_to(ROOT)}: {span}")
+    assert cited > 20, f"found only {cited} cited tests: is the pattern broken?"
+    assert not missing, "cited tests that do not exist:\n" + "\n".join(missing)
+
+
+def _names_defined_in(path: Path) -> set[str]:
+    return {node.name for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.FunctionDef)}
