@@ -17,6 +17,20 @@ warnings.filterwarnings("ignore", message=".*torchvision.*")
 ASSETS = Path(__file__).parent / "assets"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests: the tiny models' matrices are too small to share out (a second
+    thread costs more than it saves), and one thread makes every run do the same arithmetic, so two runs
+    (batched and alone, killed and resumed) can be compared bit for bit. Modules that need it say
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """(model, processor) of the `tiny` named model; do not train it in place (copy it)."""

@@ -88,15 +88,6 @@ def test_lengths_from_a_file_draws_its_records_whole(real_text):
     assert all(len(r["conversations"]) == 2 for r in source.draw(20))  # stage 1: each record's first round
 
 
-@pytest.fixture
-def one_thread():
-    """Torch on one thread: on a small shared CPU, more threads than free cores make a tiny run many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
 def test_tiny_model_trains_on_the_real_conversations_by_default(bench_train, tmp_path, capsys, one_thread):
     from medllava.model import ModelConfig, build_model

@@ -31,20 +31,12 @@ from medllava.eval.run import answer_questions, resolve_asking
 from medllava.eval.tasks import load_task
 from random_heads import make_head
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VQA_RAD = Path(__file__).parent / "assets" / "eval" / "vqa_rad"
 DEMO_VQA_RAD = Path(__file__).resolve().parents[1] / "medllava" / "assets" / "demo" / "vqa_rad"  # real images
 BROKEN, MISSING = "synpic35914.jpg", "synpic34515.jpg"  # the images of questions 733 and 47
 UNREADABLE = {"733", "47"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's matrices are too small to share out: on a busy machine, waiting for a
-    second thread costs far more than the work itself."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -30,17 +30,10 @@ from medllava.eval.likelihood import best, reply_text, score_candidates
 from medllava.eval.tasks import load_task
 from random_heads import make_head
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DEMO_VQA_RAD = demo_data()[1].parent / "vqa_rad"
 CT = get_testdata_file("CT_small.dcm")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's matrices are too small to share out between threads (see test_eval_run.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

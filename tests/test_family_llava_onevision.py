@@ -44,21 +44,14 @@ from medllava.eval.generate import Asking, encode, ensure_pad_token, generate_an
 from medllava.eval.likelihood import best, reply_text, score_candidates
 from medllava.eval.tasks import load_task
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 OV = FAMILIES["llava_onevision"]
 DATA, IMAGES = demo_data()
 DEMO_VQA_RAD = IMAGES.parent / "vqa_rad"
 CT = get_testdata_file("CT_small.dcm")
 LORA = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "merge": True}
 NO_TORCHVISION = importlib.util.find_spec("torchvision") is None
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's matrices are too small to share out between threads (see test_eval_run.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

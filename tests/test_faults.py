@@ -32,19 +32,13 @@ from medllava.tiny import demo_data
 from medllava.commands.demo import assets as demo_assets
 from medllava.io import JsonlLog, atomic_dir, describe_error, remove_stale_temps, remove_stale_temps_under
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 DATA, IMAGES = demo_data()
 # One thread here and in every killed process: the tiny model gains nothing from a second one on a
 # busy machine, and a run resumed in this process then does the same arithmetic as the killed one.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def cli(*args) -> list[str]:

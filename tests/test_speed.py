@@ -29,16 +29,8 @@ from medllava.model import ModelConfig, build_model, set_trainable
 REPO = Path(__file__).resolve().parents[1]
 DATA, IMAGES = demo_data()
 RUN = RunSettings(seed=3, bf16=False, report_to=("none",))
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models gain nothing from intra-op threads
 WORDS = "the chest radiograph shows a right lower lobe opacity with a small pleural effusion and no pneumothorax".split()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared CPU their spinning costs seconds a step."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
