@@ -20,8 +20,9 @@ checkpoint folder to load in 4-bit). Every path trains the same model from the s
 - packed: as sparse, and packed rows (no padding; attention kept inside each example through position
   ids: block-diagonal masks under sdpa, varlen kernels under flash-attention or flex);
 - grouped: as sparse, batches of similar length (`medllava.finetune.trainer.length_grouped_sampler`);
-- cached (stage 1 only, fixed-resolution families only): as sparse, the frozen vision tower answered from a
-  filled `medllava.finetune.vision_cache.VisionFeatureCache`: the steady state of every epoch after the first;
+- cached (stage 1 only): as sparse, the frozen vision tower answered from a filled
+  `medllava.finetune.vision_cache.VisionFeatureCache` (per tile in a grid family): the steady state of every
+  epoch after the first;
 - compiled (`--compile`): as sparse, the model under torch.compile;
 - packed-flex (CUDA only): as packed, under flex attention whatever `--attn` says;
 - packed-flex-compiled (CUDA only, `--compile`): as packed-flex, each decoder layer of the language model
@@ -54,8 +55,8 @@ Image tokens come from the model's family (medllava.families): a fixed count per
 a grid family (LLaVA-NeXT) the count of the image's size, as the processor expands it, every example's
 image being `--image-size` (default: the size that fills the family's largest grid, the most tokens one
 image takes, as a large square scan does: 2928 for llava-next-7b, 88 for tiny-next). The table states the
-tokens per example; a path that cannot apply to the family (the vision feature cache under LLaVA-NeXT) is
-left out, and the reason printed.
+tokens per example; a path that cannot apply to the family (`Family.feature_cache` names why the vision
+feature cache would not) is left out, and the reason printed.
 FLOP convention (printed with the table): per example, 2N per token for the language model's forward
 (N = its parameters, embeddings excluded, counted unquantised), x2 with gradients flowing through a
 frozen LLM (stage 1, LoRA, QLoRA: 4N), x3 when it is trained (6N), over every token (image + text, padding
@@ -213,7 +214,7 @@ def run(model, examples, collator, args, loss_func, lengths=None, cache=None, co
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs.pop("example_ids"), inputs.pop("skipped")
             keys = inputs.pop("image_keys", None)
-            with cache.batch(keys) if cache else contextlib.nullcontext():
+            with cache.batch(keys, inputs.get("image_sizes")) if cache else contextlib.nullcontext():
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         def _get_train_sampler(self, train_dataset=None):
@@ -312,10 +313,21 @@ def fill_cache(model, examples, batch):
     with torch.no_grad():
         for start in range(0, len(examples), batch):
             chunk = examples[start:start + batch]
-            pixels = torch.cat([e["pixel_values"] for e in chunk]).to(model.device, model.dtype)
-            with cache.batch([k for e in chunk for k in e["image_keys"]]):
+            pixels = torch.cat([tower_rows(cache, e) for e in chunk]).to(model.device, model.dtype)
+            sizes = torch.cat([e["image_sizes"] for e in chunk]) if "image_sizes" in chunk[0] else None
+            with cache.batch([k for e in chunk for k in e["image_keys"]], sizes):
                 tower(pixels)
     return cache
+
+
+def tower_rows(cache, example) -> torch.Tensor:
+    """An example's pixels as the vision tower sees them: `(images, 3, S, S)`, or a grid family's real tiles
+    `(tiles, 3, S, S)` (the model drops the padding tiles by `image_sizes` before the tower)."""
+    pixels = example["pixel_values"]
+    if pixels.dim() == 4:
+        return pixels
+    tiles = cache.family.tiles_per_image(cache.config, example["image_sizes"])
+    return torch.cat([image[:n] for image, n in zip(pixels, tiles)])
 
 
 def measure(options, args, source: TextSource, describe_text: bool = False, attn: str = "sdpa", micro=None,
@@ -344,8 +356,9 @@ def measure(options, args, source: TextSource, describe_text: bool = False, attn
         lengths=[len(e["input_ids"]) for e in examples] if options.get("grouped") else None,
         cache=cache, compiled=options.get("compiled", False), micro=micro, checkpointing=checkpointing,
     )
-    if cache is not None and cache.computed != len(examples):
-        raise RuntimeError(f"cached path ran the vision tower on {cache.computed - len(examples)} images while timed")
+    if cache is not None and cache.images_computed != len(examples):
+        raise RuntimeError(f"cached path ran the vision tower on {cache.images_computed - len(examples)} images"
+                           " while timed")
     text = [len(e["input_ids"]) - n_img for e in examples]
     mean_text = sum(text) / len(text)
     flops = flops_per_example(base.config, STAGES[args.stage]["flops"], mean_text + n_img, image.vision_tokens)

@@ -132,7 +132,8 @@ class StageConfig:
     cache_vision_features: Literal["none", "memory", "disk"] = "none"
     """Run the frozen vision tower once per image and reuse its features in later epochs: `none`,
     `memory` (host RAM, about 1.2 MB per image for CLIP ViT-L/336 in bf16) or `disk` (safetensors under
-    the stage folder's vision_features/, kept across resumes). Needs the vision tower frozen and no
+    the stage folder's vision_features/, kept across resumes). A grid family (LLaVA-NeXT, OneVision) caches
+    each tile, so an image takes up to its largest grid's tiles. Needs the vision tower frozen and no
     ZeRO-3; pays off only from the second epoch on, and the memory it takes grows with the number of
     distinct images."""
 

@@ -127,7 +127,8 @@ class StageTrainer(Trainer):
             # Every example of this micro-batch was skipped: a zero loss keeps all ranks in step.
             zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
             return (zero, {}) if return_outputs else zero
-        with self.vision_cache.batch(image_keys) if self.vision_cache else contextlib.nullcontext():
+        sizes = inputs.get("image_sizes")  # a grid family's images are tiled by their size
+        with self.vision_cache.batch(image_keys, sizes) if self.vision_cache else contextlib.nullcontext():
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def _take_bookkeeping(self, model, inputs: dict) -> list | None:

@@ -10,6 +10,9 @@ random-weight model's spec) instead of assuming LLaVA-1.5:
 - the modules QLoRA keeps unquantised;
 - how an image becomes tokens: a fixed count (LLaVA-1.5) or one that depends on the image's size (the
   anyres grid of LLaVA-NeXT), and which processor outputs travel with `pixel_values` (`image_sizes`);
+- how many tiles of an image the vision tower sees (`tiles_per_image`: one in LLaVA-1.5, the anyres grid's
+  count in the grid families, as transformers' own modeling module counts them), which the stage-1 vision
+  feature cache keys its entries by;
 - whether the stage-1 vision feature cache and packing apply, and why not where they do not;
 - the default conversation template;
 - the Python packages its processor needs beyond transformers (LLaVA-OneVision's imports torchvision).
@@ -61,6 +64,8 @@ class Family:
     on the image's size and is read from the processor's own expansion."""
     feature_cache: str = ""
     """Why the stage-1 vision feature cache does not apply; empty where it does."""
+    modeling_module: str = ""
+    """The transformers module whose `image_size_to_num_patches` counts an image's tiles (grid families)."""
     default_template: str = DEFAULT_TEMPLATE
     """The conversation template (`medllava.templates`) used where neither a config nor a head names one."""
     processor_needs: tuple[str, ...] = ()
@@ -80,6 +85,23 @@ class Family:
                     out.append(name)
         return tuple(out)
 
+    def tiles_per_image(self, config, image_sizes) -> list[int]:
+        """The tiles the vision tower sees of each image of `image_sizes` `(N_images, 2)` (height, width), as
+        the model's `get_image_features` counts them from `config` (grid pinpoints, tile size): the grid's
+        tiles plus the downsampled view; one per image in a fixed-resolution family."""
+        sizes = image_sizes.tolist() if hasattr(image_sizes, "tolist") else list(image_sizes)
+        if self.fixed_image_tokens:
+            return [1] * len(sizes)
+        count = importlib.import_module(self.modeling_module).image_size_to_num_patches
+        return [count(image_size=[int(h), int(w)], grid_pinpoints=config.image_grid_pinpoints,
+                      patch_size=config.vision_config.image_size) for h, w in sizes]
+
+    def max_tiles(self, config) -> int:
+        """The most tiles one image can take: that of an image filling the largest grid (1 when fixed)."""
+        if self.fixed_image_tokens:
+            return 1
+        return max(self.tiles_per_image(config, config.image_grid_pinpoints))
+
     def lora_trainable(self, modules: Sequence[str]) -> tuple[str, ...]:
         """`modules` without the bare parameters, which LoRA leaves frozen (see `bare_parameters`)."""
         return tuple(m for m in modules if m not in self.bare_parameters)
@@ -93,15 +115,13 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            modules=("vision_tower", "multi_modal_projector", "image_newline", "language_model", "lm_head"),
            connector=("multi_modal_projector", "image_newline"), bare_parameters=("image_newline",),
            pixel_keys=("pixel_values", "image_sizes"), fixed_image_tokens=False,
-           feature_cache="the vision feature cache stores one fixed-size feature map per image, and a "
-                         "LLaVA-NeXT image is a variable number of tiles"),
+           modeling_module="transformers.models.llava_next.modeling_llava_next"),
     Family("llava_onevision", "LlavaOnevisionForConditionalGeneration", "LlavaOnevisionProcessor",
            "LLaVA-OneVision: a SigLIP tower and Qwen2, the image as tiles whose features shrink past anyres_max_N",
            modules=("vision_tower", "multi_modal_projector", "image_newline", "language_model", "lm_head"),
            connector=("multi_modal_projector", "image_newline"), bare_parameters=("image_newline",),
            pixel_keys=("pixel_values", "image_sizes"), fixed_image_tokens=False,
-           feature_cache="the vision feature cache stores one fixed-size feature map per image, and a "
-                         "LLaVA-OneVision image is a variable number of tiles",
+           modeling_module="transformers.models.llava_onevision.modeling_llava_onevision",
            default_template="chat_template", processor_needs=("torchvision",)),
 )}
 """Every supported family, by model_type."""

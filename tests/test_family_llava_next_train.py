@@ -1,6 +1,7 @@
 """LLaVA-NeXT through `adapt` and `finetune`, on the tiny random `tiny-next` model: each stage moves what the
 family's freeze table says (stage 1: the projector and image_newline), LoRA leaves the bare image_newline
-frozen, packed and padded batches agree, the vision feature cache is refused before anything loads, a head
+frozen, packed and padded batches agree, the vision feature cache is refused with a trainable vision tower
+before anything loads (it works per tile otherwise: tests/test_vision_cache_tiles.py), a head
 trains and reloads, a resumed stage ends where an uninterrupted one does, DeepSpeed ZeRO-2 trains it, and a
 folder written by transformers itself (sharded weights) trains through both commands."""
 
@@ -104,9 +105,10 @@ def test_settings_the_family_cannot_train_are_refused_before_anything_loads(tmp_
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr("medllava.finetune.stages.build_model", no_loading)
-    cached = next_config(tmp_path / "cached", align=stage(cache_vision_features="memory"))
-    with pytest.raises(ValueError, match="stage align: cache_vision_features does not apply to llava_next models: "
-                                         + NEXT.feature_cache):
+    assert not NEXT.feature_cache  # the cache keeps features per tile; a trainable tower it still refuses
+    cached = next_config(tmp_path / "cached", align=stage(cache_vision_features="memory",
+                                                          train_modules=["vision_tower", "multi_modal_projector"]))
+    with pytest.raises(ValueError, match="stage align: cache_vision_features needs a frozen vision tower"):
         run_adapt(cached, ["align"])
     listed = next_config(tmp_path / "listed", instruct=stage(train_modules=["image_newline", "language_model"],
                                                              lora=LORA))

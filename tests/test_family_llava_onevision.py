@@ -22,7 +22,7 @@ import torch
 from pydicom.data import get_testdata_file
 from safetensors.torch import load_file
 from transformers import LlavaOnevisionForConditionalGeneration
-from test_adapt import config, stage
+from test_adapt import REPO, config, stage
 from test_finetune import size
 from test_finetune import config as head_config
 
@@ -129,14 +129,15 @@ def test_packed_and_padded_stages_log_the_same_first_loss(tmp_path):
     assert first["plain"] == pytest.approx(first["packed"], abs=1e-4)
 
 
-def test_the_feature_cache_and_without_torchvision_a_folder_are_refused(tmp_path, tiny_ov, monkeypatch):
+def test_the_feature_cache_under_zero3_and_without_torchvision_a_folder_are_refused(tmp_path, tiny_ov, monkeypatch):
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr("medllava.finetune.stages.build_model", no_loading)
-    cached = ov_config(tmp_path / "cached", align=stage(cache_vision_features="memory"))
-    with pytest.raises(ValueError, match="cache_vision_features does not apply to llava_onevision models: "
-                                         + OV.feature_cache):
+    assert not OV.feature_cache  # the cache keeps features per tile (tests/test_vision_cache_tiles.py)
+    cached = ov_config(tmp_path / "cached", align=stage(cache_vision_features="memory"),
+                       deepspeed=str(REPO / "finetune/configs/zero3.json"))
+    with pytest.raises(ValueError, match="stage align: cache_vision_features does not work under ZeRO-3"):
         run_adapt(cached, ["align"])
     if not NO_TORCHVISION:
         return
