@@ -17,12 +17,11 @@ from transformers import LlavaNextForConditionalGeneration
 
 from medllava.cli import main
 from medllava.commands import chat
-from medllava.data import Collator, Encoder
 from medllava.families import image_inputs, max_image_tokens
 from medllava.heads import HeadError, HeadInfo, load_with_heads
 from medllava.images import load_image
 from medllava.model import ModelConfig, build_model
-from medllava.templates import IGNORE_INDEX, TEMPLATES, prompt_text, supervised_spans
+from medllava.templates import prompt_text
 from medllava.tiny import demo_data
 
 from medllava.eval.generate import Asking, encode, ensure_pad_token, generate_answers, greedy_config, prompt_for
@@ -192,56 +191,6 @@ def test_check_states_the_image_token_budget_per_example(hub_folder, tiny_next, 
     out = capsys.readouterr().out
     assert "images    min 16, median 16, max 16 image tokens per example; 16 per image (fixed)" in out
     assert "records   3 read, 0 invalid, 3 usable" in out
-
-
-TURNS = [
-    {"from": "human", "value": "What is shown?\n<image>"},
-    {"from": "gpt", "value": "A chest X-ray with a right pleural effusion."},
-    {"from": "human", "value": "Is the heart enlarged?"},
-    {"from": "gpt", "value": "No"},
-]
-
-
-@pytest.mark.parametrize("template", TEMPLATES)
-def test_every_label_span_decodes_to_exactly_the_assistant_text(tiny_next, template, tmp_path):
-    model, processor = tiny_next
-    tok = processor.tokenizer
-    turns = TURNS[:2] if template == "plain" else TURNS
-    replies = [t["value"] for t in turns if t["from"] == "gpt"]
-    # Real demo images, wide (128 x 76), square and cropped tall (40 x 105): three grid shapes.
-    _, root = demo_data()
-    shapes = {"wide": load_image(root / "synpic100132.jpg"), "square": load_image(root / "synpic100176.jpg"),
-              "tall": load_image(root / "synpic18651.jpg").crop((0, 0, 40, 105))}
-    for name, image in shapes.items():
-        image.save(tmp_path / f"{name}.png")
-    encoder = Encoder(processor, template=template, image_root=tmp_path)
-    image_id = tok.convert_tokens_to_ids(processor.image_token)
-    encoded, image_tokens = [], set()
-    for name, image in shapes.items():
-        enc = encoder({"id": name, "image": f"{name}.png", "conversations": turns})
-        n = enc["input_ids"].count(image_id)
-        assert n == image_inputs(processor, [image])[1][0]
-        image_tokens.add(n)
-        spans = supervised_spans(enc["labels"])
-        assert len(spans) == len(replies)
-        for (a, b), reply in zip(spans, replies):
-            ids = enc["input_ids"][a:b]
-            assert enc["labels"][a:b] == ids
-            decoded = tok.decode(ids, skip_special_tokens=False)
-            if template == "plain":
-                assert decoded == reply + "\n"
-            else:
-                assert decoded.strip() == reply + (" " if template == "mistral_instruct" else "") + tok.eos_token
-        supervised = {i for a, b in spans for i in range(a, b)}
-        assert all(lab == IGNORE_INDEX for i, lab in enumerate(enc["labels"]) if i not in supervised)
-        encoded.append(enc)
-    assert len(image_tokens) == 3  # the count depends on the image's shape
-    # The model agrees: it raises when a row's image tokens and its image's features differ in number.
-    batch = Collator(pad_token_id=tok.pad_token_id)(encoded)
-    for key in ("example_ids", "skipped"):
-        batch.pop(key)
-    with torch.no_grad():
-        assert torch.isfinite(model(**batch).loss)
 
 
 def test_a_head_loads_onto_the_family_it_was_trained_on_only(hub_folder, tiny_checkpoint, tmp_path):

@@ -29,7 +29,6 @@ from test_finetune import config as head_config
 from medllava.cli import main
 from medllava.commands import chat
 from medllava.config import from_dict
-from medllava.data import Collator, Encoder
 from medllava.families import FAMILIES, image_inputs, max_image_tokens
 from medllava.finetune.adapt import run_adapt
 from medllava.finetune.config import AdaptConfig
@@ -37,7 +36,7 @@ from medllava.finetune.head_training import run_finetune
 from medllava.heads import load_with_heads
 from medllava.images import load_image
 from medllava.model import CheckpointError, ModelConfig, build_model, module_of, save_model
-from medllava.templates import IGNORE_INDEX, prompt_text, supervised_spans
+from medllava.templates import prompt_text
 from medllava.tiny import demo_data
 
 from medllava.eval.generate import Asking, encode, ensure_pad_token, generate_answers, greedy_config, prompt_for
@@ -249,46 +248,3 @@ def test_chat_answers_about_a_dicom_and_check_states_the_image_token_budget(tiny
     assert budget["depends_on_image_shape"] is True and budget["max_per_image"] == max_image_tokens(processor)
     assert (f"images    min {counts[0]}, median {budget['median']}, max {counts[-1]} image tokens per example; "
             f"per image by its shape, at most {max_image_tokens(processor)}") in capsys.readouterr().out
-
-
-TURNS = [
-    {"from": "human", "value": "What is shown?\n<image>"},
-    {"from": "gpt", "value": "A chest X-ray with a right pleural effusion."},
-    {"from": "human", "value": "Is the heart enlarged?"},
-    {"from": "gpt", "value": "No"},
-]
-
-
-@pytest.mark.parametrize("template", ["chat_template", "plain"])
-def test_every_label_span_decodes_to_exactly_the_assistant_text(tiny_ov, template, tmp_path):
-    model, processor = tiny_ov
-    tok = processor.tokenizer
-    turns = TURNS[:2] if template == "plain" else TURNS
-    replies = [t["value"] for t in turns if t["from"] == "gpt"]
-    shapes = {"wide": load_image(IMAGES / "synpic100132.jpg"), "square": load_image(IMAGES / "synpic100176.jpg"),
-              "tall": load_image(IMAGES / "synpic18651.jpg").crop((0, 0, 40, 105))}
-    for name, image in shapes.items():
-        image.save(tmp_path / f"{name}.png")
-    encoder = Encoder(processor, template=template, image_root=tmp_path)
-    image_id = tok.convert_tokens_to_ids(processor.image_token)
-    encoded, image_tokens = [], set()
-    for name, image in shapes.items():
-        enc = encoder({"id": name, "image": f"{name}.png", "conversations": turns})
-        n = enc["input_ids"].count(image_id)
-        assert n == image_inputs(processor, [image])[1][0]
-        image_tokens.add(n)
-        spans = supervised_spans(enc["labels"])
-        assert len(spans) == len(replies)
-        for (a, b), reply in zip(spans, replies):
-            assert enc["labels"][a:b] == enc["input_ids"][a:b]
-            decoded = tok.decode(enc["input_ids"][a:b], skip_special_tokens=False)
-            assert decoded == reply + ("\n" if template == "plain" else "<|im_end|>\n")
-        supervised = {i for a, b in spans for i in range(a, b)}
-        assert all(lab == IGNORE_INDEX for i, lab in enumerate(enc["labels"]) if i not in supervised)
-        encoded.append(enc)
-    assert len(image_tokens) >= 2  # the count depends on the image's shape
-    batch = Collator(pad_token_id=tok.pad_token_id)(encoded)
-    for key in ("example_ids", "skipped"):
-        batch.pop(key)
-    with torch.no_grad():  # the model raises where a row's image tokens and its image's features differ
-        assert torch.isfinite(model(**batch).loss)
