@@ -21,11 +21,9 @@ from transformers import LlavaForConditionalGeneration
 
 from medllava.cli import main
 from medllava.heads import HeadInfo
-from medllava.templates import prompt_text
 
-from medllava.eval.generate import (Asking, encode, ensure_pad_token, generate_answers, greedy_config, image_size,
+from medllava.eval.generate import (Asking, encode, ensure_pad_token, generate_answers, image_size,
                                     image_token_counts, length_batches, load_example_image, prompt_for)
-from medllava.eval.likelihood import best, reply_text, score_candidates
 from medllava.eval.predictions import read_predictions
 from medllava.eval.run import answer_questions, resolve_asking
 from medllava.eval.tasks import load_task
@@ -256,59 +254,6 @@ def test_grid_family_batches_by_full_length_and_batched_answers_equal_one_at_a_t
     assert all(min(a) >= max(b) for a, b in zip(rows_by_batch, rows_by_batch[1:]))
     alone = [generate_answers(model, processor, [p], [im], max_new_tokens=4)[0] for p, im in zip(prompts, imgs)]
     assert [batched[ex.qid] for ex in examples] == alone
-
-
-def test_batched_answers_equal_one_at_a_time(tiny, vqa_root):
-    model, processor = tiny
-    task = load_task("vqa-rad", vqa_root)
-    prompts = [prompt_for(ex, Asking(), processor) for ex in task.examples[:5]]
-    assert len({len(p) for p in prompts}) == 5  # different lengths: the batch is padded
-    imgs = images(5)
-    batched = generate_answers(model, processor, prompts, imgs, max_new_tokens=6)
-    alone = [generate_answers(model, processor, [p], [im], max_new_tokens=6)[0] for p, im in zip(prompts, imgs)]
-    assert batched == alone
-    # Not only the argmax: every step's scores match those of the question asked alone.
-    config = greedy_config(model, processor, 4)
-    config.output_scores, config.return_dict_in_generate = True, True
-    with torch.inference_mode():
-        together = model.generate(**encode(processor, prompts, imgs, "cpu", torch.float32), generation_config=config)
-        for i in range(5):
-            single = model.generate(**encode(processor, prompts[i:i + 1], imgs[i:i + 1], "cpu", torch.float32),
-                                    generation_config=config)
-            assert torch.allclose(together.scores[0][i], single.scores[0][0], atol=1e-4)
-
-
-def direct_log_likelihood(model, processor, question, image, answer, template) -> float:
-    """log p(reply | prompt, image) from one unpadded forward pass over the whole sequence."""
-    prompt = prompt_text(question, template, processor)
-    add = template != "chat_template"
-    n_prompt = processor(text=prompt, images=image, return_tensors="pt", add_special_tokens=add)["input_ids"].shape[1]
-    full = processor(text=prompt + reply_text(question, answer, template, processor), images=image,
-                     return_tensors="pt", add_special_tokens=add)
-    with torch.no_grad():
-        logp = model(**full).logits[0].log_softmax(-1)
-    ids = full["input_ids"][0]
-    return sum(logp[i - 1, ids[i]].item() for i in range(n_prompt, len(ids)))
-
-
-@pytest.mark.parametrize("template", ["vicuna_v1", "chat_template"])
-def test_likelihood_scores_match_a_direct_computation_in_one_forward_pass(tiny, template):
-    model, processor = tiny
-    questions = ["Is there a pleural effusion?", "Is this a CT or an MRI scan of the abdomen?", "Is it normal?"]
-    candidates = [["yes", "no"], ["CT", "MRI", "ultrasound"], ["yes", "no"]]
-    imgs = images(3)
-    calls = []
-    hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
-    try:
-        scores = score_candidates(model, processor, questions, imgs, candidates, template)
-    finally:
-        hook.remove()
-    assert len(calls) == 1  # all seven candidates of the three questions together
-    for q, im, options, got in zip(questions, imgs, candidates, scores):
-        direct = {c: direct_log_likelihood(model, processor, q, im, c, template) for c in options}
-        assert list(got) == options
-        assert all(math.isclose(got[c], direct[c], abs_tol=1e-3) for c in options)
-        assert best(got) == max(direct, key=direct.get)
 
 
 def test_closed_questions_answered_by_likelihood(vqa_root, tiny_checkpoint, tmp_path, generated_rows):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -36,11 +35,9 @@ from medllava.finetune.head_training import run_finetune
 from medllava.heads import load_with_heads
 from medllava.images import load_image
 from medllava.model import CheckpointError, ModelConfig, build_model, module_of, save_model
-from medllava.templates import prompt_text
 from medllava.tiny import demo_data
 
-from medllava.eval.generate import Asking, encode, ensure_pad_token, generate_answers, greedy_config, prompt_for
-from medllava.eval.likelihood import best, reply_text, score_candidates
+from medllava.eval.generate import ensure_pad_token
 from medllava.eval.tasks import load_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -168,64 +165,6 @@ def test_a_head_trains_saves_reloads_and_changes_the_answers(tmp_path, tiny_ov):
     with model.disable_adapter():
         plain = ask(model, processor)
     assert plain == ask(*tiny_ov) and with_head != plain
-
-
-def shaped_examples(processor, n: int) -> tuple[list, list]:
-    """`n` demo questions whose images take different numbers of image tokens, and those images."""
-    task = load_task("vqa-rad", DEMO_VQA_RAD)
-    picked, images, counts = [], [], set()
-    for ex in task.examples:
-        image = load_image(task.image_path(ex))
-        count = image_inputs(processor, [image])[1][0]
-        if count not in counts or len(counts) >= 3:
-            picked.append(ex)
-            images.append(image)
-            counts.add(count)
-        if len(picked) == n:
-            break
-    assert len(counts) >= 2, "the demo images should take different numbers of tokens"
-    return picked, images
-
-
-def test_batched_answers_equal_one_at_a_time(tiny_ov):
-    model, processor = tiny_ov
-    examples, images = shaped_examples(processor, 4)
-    asking = Asking(template="chat_template")
-    prompts = [prompt_for(ex, asking, processor) for ex in examples]
-    batched = generate_answers(model, processor, prompts, images, max_new_tokens=6, template="chat_template")
-    alone = [generate_answers(model, processor, [p], [im], max_new_tokens=6, template="chat_template")[0]
-             for p, im in zip(prompts, images)]
-    assert batched == alone
-    config_ = greedy_config(model, processor, 2, "chat_template")
-    config_.output_scores, config_.return_dict_in_generate = True, True
-    batch = encode(processor, prompts, images, "cpu", torch.float32, add_special_tokens=False)
-    with torch.inference_mode():
-        together = model.generate(**batch, generation_config=config_)
-        for i in range(len(prompts)):
-            single = model.generate(**encode(processor, prompts[i:i + 1], images[i:i + 1], "cpu", torch.float32,
-                                             add_special_tokens=False), generation_config=config_)
-            assert torch.allclose(together.scores[0][i], single.scores[0][0], atol=1e-4)
-
-
-def test_likelihood_scores_match_a_direct_unpadded_computation(tiny_ov):
-    model, processor = tiny_ov
-    examples, images = shaped_examples(processor, 3)
-    questions = [ex.question for ex in examples]
-    candidates = [["yes", "no"], ["CT", "MRI", "ultrasound"], ["yes", "no"]]
-    scores = score_candidates(model, processor, questions, images, candidates, "chat_template")
-    for q, im, options, got in zip(questions, images, candidates, scores):
-        direct = {}
-        for c in options:
-            prompt = prompt_text(q, "chat_template", processor)
-            n_prompt = processor(text=prompt, images=im, return_tensors="pt")["input_ids"].shape[1]
-            full = processor(text=prompt + reply_text(q, c, "chat_template", processor), images=im,
-                             return_tensors="pt")
-            with torch.no_grad():
-                logp = model(**full).logits[0].log_softmax(-1)
-            ids = full["input_ids"][0]
-            direct[c] = sum(logp[i - 1, ids[i]].item() for i in range(n_prompt, len(ids)))
-        assert list(got) == options and best(got) == max(direct, key=direct.get)
-        assert all(math.isclose(got[c], direct[c], abs_tol=1e-3) for c in options), (got, direct)
 
 
 def test_chat_answers_about_a_dicom_and_check_states_the_image_token_budget(tiny_ov, tmp_path, capsys):
