@@ -187,7 +187,8 @@ def new_processor(family: Family, **parts):
         raise TypeError(f"{family.processor_class} needs a video processor, got {type(video).__name__}")
     processor = cls.__new__(cls)
     check = processor.check_argument_for_proper_class
-    processor.check_argument_for_proper_class = lambda name, arg: None if name == "video_processor" else check(name, arg)
+    processor.check_argument_for_proper_class = (
+        lambda name, arg: None if name == "video_processor" else check(name, arg))
     try:
         cls.__init__(processor, **parts)
     finally:
