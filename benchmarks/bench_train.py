@@ -92,7 +92,7 @@ from medllava.data import Collator  # noqa: E402
 from medllava.loss import supervised_loss  # noqa: E402
 from medllava.model import TRAINABLE, ModelConfig, build_model, set_trainable  # noqa: E402
 from medllava.families import (FAMILIES, Family, UnsupportedModelError, checkpoint_family,  # noqa: E402
-                               image_inputs, processor_family)
+                               image_inputs, image_tokens_for_size, processor_family)
 from medllava.tiny import TINY_SPECS  # noqa: E402
 
 CONFIGS = REPO / "finetune" / "configs"
@@ -266,10 +266,8 @@ def model_family_of(model: str) -> Family:
 
 def largest_grid_size(processor) -> tuple[int, int]:
     """(width, height) of the grid pinpoint whose image takes the most tokens."""
-    from PIL import Image
-
     sizes = [(w, h) for h, w in processor.image_processor.image_grid_pinpoints]
-    return max(sizes, key=lambda size: image_inputs(processor, [Image.new("RGB", size)])[1][0])
+    return max(sizes, key=lambda size: image_tokens_for_size(processor, *size))
 
 
 class ExampleImage(NamedTuple):

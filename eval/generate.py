@@ -10,7 +10,7 @@ at the end. The full length is the prompt's tokens with its `<image>` expanded: 
 resolution family every image adds the same count, so the text decides; in a grid family such
 as LLaVA-NeXT the image's tokens (1-3k for a 7B model) depend on its size and dominate, so
 `image_token_counts` reads each image's size from its header and asks the processor what that
-size expands to, once per size (`medllava.families.image_inputs`). Padding is on the left: every
+size expands to, once per size (`medllava.families.image_tokens_for_size`). Padding is on the left: every
 row then ends at the last column, where generation continues, and `generate` derives position
 ids from the attention mask, so a padded row gets the same greedy answer as the same question
 asked alone.
@@ -23,7 +23,7 @@ import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from medllava.families import image_inputs, processor_family
+from medllava.families import image_tokens_for_size, processor_family
 from medllava.images import ImageLoadError, load_image
 from medllava.question_styles import YES_NO, format_question
 from medllava.templates import DEFAULT_TEMPLATE, get_template, prompt_text
@@ -116,14 +116,12 @@ def image_token_counts(processor, task: Task, examples: Sequence[Example]) -> li
     """
     if processor_family(processor).fixed_image_tokens:
         return None
-    from PIL import Image
-
     by_size: dict[tuple[int, int], int] = {}
     counts = []
     for example in examples:
         size = image_size(task, example)
         if size is not None and size not in by_size:
-            by_size[size] = image_inputs(processor, [Image.new("RGB", size)])[1][0]
+            by_size[size] = image_tokens_for_size(processor, *size)
         counts.append(by_size.get(size, 0))
     return counts
 

@@ -149,14 +149,18 @@ def get_family(model_type: str, where: str = "") -> Family:
     return family
 
 
-def checkpoint_family(path: str | Path) -> Family:
-    """The family of the checkpoint folder `path`, from its config.json."""
+def checkpoint_model_type(path: str | Path) -> str:
+    """The `model_type` in the checkpoint folder `path`'s config.json."""
     config = Path(path) / "config.json"
     try:
-        model_type = json.loads(config.read_text())["model_type"]
+        return json.loads(config.read_text())["model_type"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UnsupportedModelError(f"{config}: unreadable or without model_type ({e})") from None
-    return get_family(model_type, str(path))
+
+
+def checkpoint_family(path: str | Path) -> Family:
+    """The family of the checkpoint folder `path`, from its config.json."""
+    return get_family(checkpoint_model_type(path), str(path))
 
 
 def model_family(model) -> Family:
@@ -230,10 +234,16 @@ def max_image_tokens(processor) -> int:
     family = processor_family(processor)
     if family.fixed_image_tokens:
         return fixed_image_token_count(processor)
+    shapes = processor.image_processor.image_grid_pinpoints
+    return max(image_tokens_for_size(processor, w, h) for h, w in shapes)
+
+
+def image_tokens_for_size(processor, width: int, height: int) -> int:
+    """Tokens an image of `width` x `height` pixels takes: in a grid family the count depends on the size
+    only, so the processor's own expansion of a blank image of that size gives it."""
     from PIL import Image
 
-    shapes = processor.image_processor.image_grid_pinpoints
-    return max(image_inputs(processor, [Image.new("RGB", (w, h))])[1][0] for h, w in shapes)
+    return image_inputs(processor, [Image.new("RGB", (width, height))])[1][0]
 
 
 def image_inputs(processor, images: list) -> tuple[dict, list[int]]:

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medllava.config import ConfigError
-from medllava.families import FAMILIES, Family, get_family, model_family
+from medllava.families import (FAMILIES, Family, UnsupportedModelError, checkpoint_model_type, get_family,
+                               model_family)
 from medllava.hd import GRID_FIELD, check_pinpoints, to_hd
 from medllava.io import atomic_dir
 from medllava.tiny import TINY_SPECS, build_tiny
@@ -195,12 +196,10 @@ def check_checkpoint_dir(path: Path) -> Family:
         pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
         hint = f" (found {', '.join(pickled)}: pickle files are not loaded; convert them to safetensors)" if pickled else ""
         raise CheckpointError(f"{path}: no *.safetensors weights{hint}")
-    import json
-
     try:
-        model_type = json.loads((path / "config.json").read_text())["model_type"]
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}/config.json: unreadable or without model_type ({e})") from None
+        model_type = checkpoint_model_type(path)
+    except UnsupportedModelError as e:
+        raise CheckpointError(str(e)) from None
     if model_type in ORIGINAL_LAYOUTS:
         raise CheckpointError(f"{path}: model_type {model_type!r} is the original LLaVA layout; convert it to"
                               " llava-hf format first (medllava convert)")
