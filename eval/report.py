@@ -1,6 +1,6 @@
 """Readable reports from scoring results: a Markdown file with tables and PNG plots beside it
-(per-category bars, the closed-question confusion matrix), and the headline lines printed to the
-console.
+(per-category bars, the closed-question confusion matrix), the other harnesses' protocols with their
+defects, and the headline lines printed to the console.
 
 `write_report(results, "out/report.md")` takes the metrics.json dict built by
 `medllava.eval.results` (an `eval run`'s settings and counts, under "run", become the report's last
@@ -92,6 +92,41 @@ def _breakdown_table(groups: dict) -> str:
     return table(("category", "n", "closed strict", "open EM", "open F1", "closed LLaVA-Med", "open recall LLaVA-Med"), rows)
 
 
+def _protocol_rows(name: str, entry: dict) -> list[tuple]:
+    """The harness row of one protocol and, where it has one, its corrected row."""
+    label = f"{name} ({entry['harness']} `{entry['commit'][:7]}`)"
+    rows = []
+    for variant, key in (("", "scores"), (", corrected", "corrected")):
+        sc = entry.get(key)
+        if sc:
+            rows.append((label + variant, pct(sc["closed"]), pct(sc["open"]), pct(sc["overall"]),
+                         f"{sc['n_closed']} / {sc['n_open']}", entry["comparable_to"]))
+    return rows
+
+
+def _protocols(protocols: dict) -> list[str]:
+    """The protocols section: one table of numbers, the closed rules, the defects with both numbers."""
+    applied = {name: e for name, e in protocols.items() if e.get("applies")}
+    if not applied:
+        return []
+    rows = [row for name, entry in applied.items() for row in _protocol_rows(name, entry)]
+    out = ["## Other harnesses' protocols (%)", "",
+           "Each number as that harness's own code computes it (repository and commit named), and corrected "
+           "where the harness has a known defect. Compare a number only with the tables named beside it.", "",
+           table(("protocol", "closed", "open", "overall", "n closed / open", "comparable to"), rows), ""]
+    out += [f"- {name}: {e['closed_rule']} ({e['repository']}, {e['file']})" for name, e in applied.items()]
+    skipped = [f"{name} ({e['reason']})" for name, e in protocols.items() if not e.get("applies")]
+    if skipped:
+        out.append("- not applicable: " + ", ".join(skipped))
+    defects = [(name, d["name"], d["description"], d["metric"], pct(d["harness"]),
+                "not computed" if d["corrected"] is None else pct(d["corrected"]))
+               for name, e in applied.items() for d in e["defects"]]
+    if defects:
+        out += ["", "### Known defects: the number as the harness gives it and with only that defect fixed", "",
+                table(("protocol", "defect", "what", "number", "harness", "corrected"), defects)]
+    return out + [""]
+
+
 def render_markdown(results: dict, plots: dict[str, str] | None = None) -> str:
     """The report text; `plots` maps a breakdown name (or "confusion") to an image path."""
     plots = plots or {}
@@ -119,6 +154,7 @@ def render_markdown(results: dict, plots: dict[str, str] | None = None) -> str:
             "The numbers LLaVA-Med's scorer prints, with its quirks: a closed answer is right when the "
             "normalized truth appears anywhere in the prediction (\"no\" inside \"normal\"), and open recall "
             "counts repeated words.", "", _family_table(results.get("llava_med", {}), LLAVA_MED_ROWS), ""]
+    out += _protocols(results.get("protocols", {}))
     for name, groups in results.get("breakdowns", {}).items():
         if name != "answer type" and len(groups) < 2:
             continue  # one category says nothing beyond the headline

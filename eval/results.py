@@ -17,6 +17,8 @@ per-question items, for `eval score` (a file) and `eval run` (the answers it hol
                         columns the strict answer read from the prediction ("(none)" when no
                         option was found; answers past the commonest few fold into "(other)")
   bootstrap             {"n_boot", "seed", "level"}
+  protocols             {protocol: entry}: the other harnesses' scoring protocols, as each harness
+                        computes them and corrected, with their defects (`medllava.eval.protocols`)
   run                   `eval run` only: the settings that made the answers and what the run did
 `score_examples` builds the part from n to bootstrap from paired texts alone.
 `items` holds one record per question with its per-question scores in both families.
@@ -31,6 +33,7 @@ from collections.abc import Callable, Sequence
 from medllava.eval.metrics import llava_med, strict
 from medllava.eval.metrics.stats import bootstrap_ci, mean
 from medllava.eval.predictions import PredictionFile, pair_predictions
+from medllava.eval.protocols import score_protocols
 from medllava.eval.tasks.base import CLOSED, OPEN, Example, Task
 
 log = logging.getLogger(__name__)
@@ -124,9 +127,10 @@ def confusion(items: list[dict]) -> dict:
 
 def score_examples(examples: Sequence[Example], predictions: Sequence[str], *,
                    categories: Callable[[Example], dict[str, list[str]]] | None = None,
-                   candidates: Sequence | None = None, n_boot: int = 1000, seed: int = 0) -> tuple[dict, list[dict]]:
-    """Score `predictions[i]` as the answer to `examples[i]`: the results from n to bootstrap (see the
-    module docstring) and the per-question items."""
+                   candidates: Sequence | None = None, n_boot: int = 1000, seed: int = 0,
+                   task: str | None = None) -> tuple[dict, list[dict]]:
+    """Score `predictions[i]` as the answer to `examples[i]`: the results from n to protocols (see the
+    module docstring) and the per-question items. `task` (a task name) picks the protocols that apply."""
     if len(predictions) != len(examples):
         raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
     # Strict closed answers are read against every closed answer of the task, so a
@@ -143,6 +147,7 @@ def score_examples(examples: Sequence[Example], predictions: Sequence[str], *,
         "breakdowns": breakdowns(items, cats),
         "confusion": confusion(items),
         "bootstrap": {"n_boot": n_boot, "seed": seed, "level": 0.95},
+        "protocols": score_protocols(examples, predictions, task),
     }
     for item, cat in zip(items, cats):
         item["categories"] = cat
@@ -164,7 +169,7 @@ def score_predictions(task: Task, predictions: PredictionFile, *, examples: Sequ
                     len(pairing.missing), len(examples))
     log.info("scoring %d %s questions (%s)", len(examples), task.name, pairing.note)
     scores, items = score_examples(examples, pairing.texts, categories=task.categories,
-                                   candidates=candidates, n_boot=n_boot, seed=seed)
+                                   candidates=candidates, n_boot=n_boot, seed=seed, task=task.name)
     results = {
         "task": task.name,
         "split": task.split,

@@ -4,7 +4,8 @@
         --json out/vqa_rad.json --report out/vqa_rad.md
 
 Writes the metrics JSON (strict and LLaVA-Med-compatible families side by side, with
-bootstrap intervals and breakdowns; built by `medllava.eval.results`), and optionally a
+bootstrap intervals and breakdowns, and the other harnesses' protocols from `medllava.eval.protocols`;
+built by `medllava.eval.results`), and optionally a
 Markdown report with PNG plots and a per-question JSONL. Prediction formats (taken from the
 file's rows) and pairing are described in `medllava.eval.predictions`.
 """
