@@ -295,7 +295,8 @@ def example_image(processor, args) -> ExampleImage:
         size = args.image_size or (crop["width"], crop["height"])
     else:
         size = args.image_size or largest_grid_size(processor)
-    pixels, counts = image_inputs(processor, [Image.new("RGB", size)])
+    got = image_inputs(processor, [Image.new("RGB", size)])
+    pixels, counts = got.pixels, got.counts
     values = pixels["pixel_values"]
     tiles = values.shape[1] if values.dim() == 5 else 1
     patches = (values.shape[-1] // processor.patch_size) * (values.shape[-2] // processor.patch_size)

@@ -175,7 +175,8 @@ def encode(processor, texts: Sequence[str], images: Sequence, device, dtype, add
     if len(texts) != len(images):
         raise ValueError(f"{len(texts)} prompts but {len(images)} images")
     with left_padding(processor):
-        batch = processor(text=list(texts), images=list(images), padding=True, return_tensors="pt",
+        # One list of images per row: every family's processor reads that (Gemma 3's reads nothing else).
+        batch = processor(text=list(texts), images=[[image] for image in images], padding=True, return_tensors="pt",
                           add_special_tokens=add_special_tokens)
     batch = batch.to(device)
     for key in processor_family(processor).pixel_keys:

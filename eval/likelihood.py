@@ -19,13 +19,14 @@ from medllava.records import GPT, HUMAN, IMAGE_PLACEHOLDER
 from medllava.templates import get_template, prompt_text, render
 
 from medllava.eval.generate import encode
+from medllava.families import image_markup, model_family
 
 
 def reply_text(question: str, answer: str, template: str, processor) -> str:
     """The text the template adds after the generation prompt when the assistant says `answer`."""
     prompt = prompt_text(question, template, processor)
     turns = [{"from": HUMAN, "value": IMAGE_PLACEHOLDER + "\n" + question}, {"from": GPT, "value": answer}]
-    full = render(turns, template, processor.tokenizer.eos_token or "", IMAGE_PLACEHOLDER, None, processor).text
+    full = render(turns, template, processor.tokenizer.eos_token or "", image_markup(processor), None, processor).text
     if not full.startswith(prompt):
         raise ValueError(f"template {template!r} does not render a reply after its generation prompt; "
                          "likelihood scoring needs one (use --closed-scoring generate)")
@@ -59,9 +60,11 @@ def sequence_log_likelihoods(model, batch, reply_lengths: Sequence[int]) -> list
     ids, mask = batch["input_ids"], batch["attention_mask"]
     if keep > ids.shape[1]:
         raise ValueError(f"replies of {keep - 1} tokens in rows of {ids.shape[1]} tokens")
-    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    # Left padding shifts each row; the positions restart at its first real token. A family with 3-D
+    # rope positions computes them itself from the attention mask.
+    positions = {} if model_family(model).rope_3d else {"position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0)}
     with torch.inference_mode():
-        logits = model(**batch, position_ids=position_ids, logits_to_keep=keep, use_cache=False).logits
+        logits = model(**batch, **positions, logits_to_keep=keep, use_cache=False).logits
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (rows, keep - 1, vocab)
     targets = ids[:, ids.shape[1] - keep + 1:]
     token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (rows, keep - 1)

@@ -75,6 +75,9 @@ def check_speed_options(name: str, stage: StageConfig, modules: tuple[str, ...],
     if stage.group_by_length and stage.packing:
         raise ValueError(f"stage {name}: group_by_length shortens padding, and packed rows have none;"
                          " turn one of group_by_length and packing off")
+    if stage.packing and family.packing:
+        raise ValueError(f"stage {name}: packing does not apply to {family.model_type} models: {family.packing};"
+                         " set packing=false")
     if stage.cache_vision_features == "none":
         return
     if family.feature_cache:

@@ -55,7 +55,7 @@ def save_projector(model_dir: Path, path: Path, family: Family) -> None:
     for shard in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(shard), "pt") as f:
             projector.update({k: f.get_tensor(k) for k in f.keys()
-                              if module_of(k, family.modules) in family.connector})
+                              if module_of(k, family.modules, family.saved_prefixes) in family.connector})
     with atomic_open(path, "wb") as f:
         f.write(save(projector))
 

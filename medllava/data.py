@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medllava.loss import supervised_positions
-from medllava.families import image_inputs, max_image_tokens, pad_and_concat, processor_family
+from medllava.families import image_inputs, image_placeholder, max_image_tokens, pad_and_concat, processor_family
 from medllava.records import image_paths
 from medllava.templates import DEFAULT_TEMPLATE, IGNORE_INDEX, TooLongError, UnusableConversation, encode_conversation
 
@@ -38,8 +38,9 @@ class Encoder:
 
     def __post_init__(self):
         self.family = processor_family(self.processor)
-        # Every image's token count in a fixed-resolution family; in a grid family, the most any image can take.
+        # Every image's token count in a fixed-resolution family; otherwise the most any image can take.
         self.n_image_tokens = max_image_tokens(self.processor)
+        self.type_key, self.image_type_ids = token_types(self.processor)
 
     def __call__(self, record: dict) -> dict:
         """Return `input_ids`, `attention_mask`, `labels` (lists, length T), and for a record with
@@ -60,20 +61,42 @@ class Encoder:
                 images.append(load_image(path, **options))
             except (ImageLoadError, OSError, ValueError) as e:
                 raise SkipExample("unreadable image", f"{path} ({e})") from None
-        pixels, counts = image_inputs(self.processor, images) if images else ({}, [])
+        inputs = image_inputs(self.processor, images) if images else None
         try:
-            enc = encode_conversation(
-                record["conversations"], self.processor, self.template,
-                self.n_image_tokens if self.family.fixed_image_tokens else counts, max_length=self.max_length,
-            )
+            enc = encode_conversation(record["conversations"], self.processor, self.template,
+                                      max_length=self.max_length, image_texts=inputs.texts if inputs else [])
         except TooLongError as e:
             raise SkipExample("too long", f"record {record['id']}: {e}") from None
         except UnusableConversation as e:
             raise SkipExample("unusable conversation", f"record {record['id']}: {e}") from None
+        if self.type_key:
+            enc[self.type_key] = [int(i in self.image_type_ids) for i in enc["input_ids"]]
         if images:
-            enc.update(pixels)
+            enc.update(inputs.pixels)
             enc["image_keys"] = keys
         return enc
+
+
+TOKEN_TYPE_KEYS = ("token_type_ids", "mm_token_type_ids")
+"""Per-token inputs some processors add, 1 on image tokens: Gemma 3's model attends both ways among the
+tokens of one image by them; Qwen2.5-VL's (transformers 5.25) places its 3-D rope positions by them."""
+
+
+def token_types(processor) -> tuple[str | None, frozenset[int]]:
+    """`(key, ids)`: the per-token type input the processor adds (None where it adds none) and the token
+    ids it marks 1, read from the processor's own output for one image, so the types match inference."""
+    from PIL import Image
+
+    family = processor_family(processor)
+    if family.pixel_layout != "rows":
+        return None, frozenset()
+    batch = processor(text=[image_placeholder(processor)], images=[Image.new("RGB", (64, 64))],
+                      add_special_tokens=False)
+    key = next((k for k in TOKEN_TYPE_KEYS if k in batch), None)
+    if key is None:
+        return None, frozenset()
+    ids = [i for i, t in zip(batch["input_ids"][0], batch[key][0]) if t == 1]
+    return key, frozenset(int(i) for i in ids)
 
 
 class EncodedDataset:
@@ -155,10 +178,8 @@ class Collator:
         if not kept:
             return {"input_ids": torch.empty(0, 0, dtype=torch.long), "example_ids": [], "skipped": skipped}
         out = self._packed(kept) if self.pack else self._padded(kept)
-        for key in ("pixel_values", "image_sizes"):
-            tensors = [f[key] for f in kept if key in f]
-            if tensors:
-                out[key] = pad_and_concat(tensors)
+        for key in dict.fromkeys(k for f in kept for k, v in f.items() if isinstance(v, torch.Tensor)):
+            out[key] = pad_and_concat([f[key] for f in kept if key in f])
         if self.image_keys:
             out["image_keys"] = [key for f in kept for key in f.get("image_keys", [])]
         if self.sparse_logits:
@@ -175,21 +196,27 @@ class Collator:
         # Each example's first label is -100 (a prompt token), so no loss crosses an example boundary.
         labels = [IGNORE_INDEX if i == 0 else lab for f in kept for i, lab in enumerate(f["labels"])]
         positions = [i for f in kept for i in range(len(f["input_ids"]))]
-        return {
+        out = {
             "input_ids": torch.tensor([ids]),
             "labels": torch.tensor([labels]),
             "position_ids": torch.tensor([positions]),
             "use_cache": False,
         }
+        for key in TOKEN_TYPE_KEYS:
+            if key in kept[0]:
+                out[key] = torch.tensor([[t for f in kept for t in f[key]]])
+        return out
 
     def _padded(self, kept: list[dict]) -> dict:
         import torch
 
         width = max(len(f["input_ids"]) for f in kept)
-        batch = {"input_ids": [], "attention_mask": [], "labels": []}
+        pads = [("input_ids", self.pad_token_id), ("attention_mask", 0), ("labels", IGNORE_INDEX)]
+        pads += [(key, 0) for key in TOKEN_TYPE_KEYS if key in kept[0]]
+        batch = {key: [] for key, _ in pads}
         for f in kept:
             pad = width - len(f["input_ids"])
-            for key, value in (("input_ids", self.pad_token_id), ("attention_mask", 0), ("labels", IGNORE_INDEX)):
+            for key, value in pads:
                 seq = list(f[key])
                 batch[key].append(seq + [value] * pad if self.padding_side == "right" else [value] * pad + seq)
         return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}

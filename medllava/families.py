@@ -23,6 +23,7 @@ Adding a family is one entry in `FAMILIES` plus its tests.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,8 +70,30 @@ class Family:
     default_template: str = DEFAULT_TEMPLATE
     """The conversation template (`medllava.templates`) used where neither a config nor a head names one."""
     processor_needs: tuple[str, ...] = ()
-    """Packages transformers needs to build this family's processor (`AutoProcessor.from_pretrained`); a
-    checkpoint folder of the family is refused, naming them, where one is missing."""
+    """Packages transformers' `AutoProcessor` needs to build this family's processor (its video processor
+    imports torchvision). Where one is missing, a checkpoint folder's processor is built from its parts
+    instead (`load_processor`): the tokenizer, the family's PIL image processor and the chat template."""
+    image_processor_pil: str = ""
+    """The family's PIL-backed image processor class, used where `processor_needs` is missing."""
+    placeholder: str = "image_token"
+    """The processor attribute naming the text it expands into an image's tokens (`image_token`; Gemma 3's
+    processor expands `boi_token`, `<start_of_image>`)."""
+    image_markup: str = ""
+    """What the family's chat template writes for one image, which the hand-written templates write in its
+    place (Qwen's `<|vision_start|><|image_pad|><|vision_end|>`); empty: the placeholder alone."""
+    pixel_layout: str = "tiles"
+    """How examples' image inputs join into a batch: `tiles` (one row per image, tiles zero-padded to the
+    batch's most: the LLaVA families) or `rows` (every key concatenated along its first dimension: Qwen's
+    patch rows and grid sizes, Gemma 3's images)."""
+    packing: str = ""
+    """Why packing does not apply; empty where packed training is verified equal to padded training."""
+    saved_prefixes: tuple[tuple[str, str], ...] = ()
+    """`(prefix, module)` for the names a saved checkpoint gives parameters that hold none of `modules`
+    (transformers saves Qwen2.5-VL in its hub layout: `model.layers...` is the language model,
+    `visual.merger...` the merger); the first prefix that matches decides."""
+    rope_3d: bool = False
+    """The model computes its own (3-D, multimodal) position ids from each row's image tokens: callers
+    never pass position ids, and packing cannot give it per-example ones."""
 
     def missing_packages(self) -> tuple[str, ...]:
         """The packages of `processor_needs` not installed here."""
@@ -122,7 +145,30 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            connector=("multi_modal_projector", "image_newline"), bare_parameters=("image_newline",),
            pixel_keys=("pixel_values", "image_sizes"), fixed_image_tokens=False,
            modeling_module="transformers.models.llava_onevision.modeling_llava_onevision",
-           default_template="chat_template", processor_needs=("torchvision",)),
+           default_template="chat_template", processor_needs=("torchvision",),
+           image_processor_pil="LlavaOnevisionImageProcessorPil"),
+    Family("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor",
+           "Qwen2.5-VL (Lingshu, HuatuoGPT-Vision-Qwen2.5): a native-resolution ViT whose merger joins 2x2 patches, "
+           "3-D rope positions",
+           modules=("visual", "merger", "language_model", "lm_head"), connector=("merger",),
+           nf4_skip=("model.visual", "lm_head"), pixel_keys=("pixel_values", "image_grid_thw"),
+           fixed_image_tokens=False, default_template="chat_template", processor_needs=("torchvision",),
+           image_processor_pil="Qwen2VLImageProcessorPil", image_markup="<|vision_start|><|image_pad|><|vision_end|>",
+           pixel_layout="rows", rope_3d=True,
+           saved_prefixes=(("visual.merger.", "merger"), ("visual.", "visual"), ("model.", "language_model")),
+           feature_cache="its merger (what stage 1 trains) is the vision tower's last block, so there is no frozen "
+                         "output to cache",
+           packing="the model computes 3-D rope positions from each row's image tokens, one sequence per row"),
+    Family("gemma3", "Gemma3ForConditionalGeneration", "Gemma3Processor",
+           "Gemma 3 and MedGemma: a SigLIP tower at 896 px pooled to 256 tokens per image, "
+           "bidirectional attention over them",
+           modules=("vision_tower", "multi_modal_projector", "language_model", "lm_head"),
+           image_processor_pil="Gemma3ImageProcessorPil", placeholder="boi_token", pixel_layout="rows",
+           fixed_image_tokens=False, default_template="chat_template",
+           feature_cache="medllava caches the LLaVA families' selected vision-tower layer; Gemma 3's pooled tower "
+                         "output is not cached",
+           packing="its image tokens attend to each other both ways through a mask built from token_type_ids; "
+                   "packed rows are not verified to keep that mask inside each example"),
 )}
 """Every supported family, by model_type."""
 
@@ -132,21 +178,13 @@ class UnsupportedModelError(ValueError):
 
 
 def get_family(model_type: str, where: str = "") -> Family:
-    """The family of `model_type`; an error naming `where` (the checkpoint) and the supported families.
-
-    With `where` (a checkpoint folder, about to be loaded), a family whose processor needs a package that
-    is not installed is refused here, before anything loads, in one line naming the package."""
+    """The family of `model_type`; an error naming `where` (the checkpoint) and the supported families."""
     prefix = f"{where}: " if where else ""
     if model_type not in FAMILIES:
         raise UnsupportedModelError(
             f"{prefix}model_type {model_type!r} is not supported; supported families: "
             + "; ".join(f"{f.model_type} ({f.summary})" for f in FAMILIES.values()))
-    family = FAMILIES[model_type]
-    if where and (missing := family.missing_packages()):
-        raise UnsupportedModelError(
-            f"{prefix}loading a {model_type} checkpoint needs {' and '.join(missing)} (transformers' "
-            f"{family.processor_class} imports it); install it, e.g. pip install {' '.join(missing)}")
-    return family
+    return FAMILIES[model_type]
 
 
 def checkpoint_model_type(path: str | Path) -> str:
@@ -200,6 +238,40 @@ def new_processor(family: Family, **parts):
     return processor
 
 
+def load_processor(path: str | Path, family: Family, trust_remote_code: bool = False):
+    """The processor saved in the checkpoint folder `path`: `AutoProcessor`'s, or where a package of the
+    family's `processor_needs` is missing (torchvision, which only its video processor needs), the same
+    processor built from its saved parts: the tokenizer, the family's PIL image processor (same settings,
+    the same resizing and normalisation for images), the chat template and the processor's own settings
+    (`processor_config.json`), with an empty video processor that nothing here calls."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    if not family.missing_packages():
+        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    import transformers
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    folder = Path(path)
+    settings = _json(folder / "processor_config.json")
+    chat_template = settings.pop("chat_template", None)
+    if (folder / "chat_template.jinja").is_file():
+        chat_template = (folder / "chat_template.jinja").read_text()
+    elif (folder / "chat_template.json").is_file():
+        chat_template = _json(folder / "chat_template.json").get("chat_template")
+    cls = getattr(transformers, family.processor_class)
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "image_processor", "tokenizer",
+                                                                   "video_processor", "chat_template"}
+    return new_processor(family, tokenizer=AutoTokenizer.from_pretrained(folder),
+                         image_processor=getattr(transformers, family.image_processor_pil).from_pretrained(folder),
+                         video_processor=BaseVideoProcessor(), chat_template=chat_template,
+                         **{k: v for k, v in settings.items() if k in accepted})
+
+
+def _json(path: Path) -> dict:
+    """A JSON object file's contents; empty when the file is absent."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def processor_family(processor) -> Family:
     """The family whose processor class `processor` is."""
     name = type(processor).__name__
@@ -208,6 +280,17 @@ def processor_family(processor) -> Family:
             return family
     raise UnsupportedModelError(f"processor {name} belongs to none of the supported families "
                                 f"({', '.join(FAMILIES)})")
+
+
+def image_placeholder(processor) -> str:
+    """The text the processor expands into one image's tokens (`<image>`, `<|image_pad|>`, `<start_of_image>`)."""
+    return getattr(processor, processor_family(processor).placeholder)
+
+
+def image_markup(processor) -> str:
+    """What a hand-written template writes for one image: the family's chat-template markup around the
+    placeholder (Qwen's vision start and end tokens), or the placeholder alone."""
+    return processor_family(processor).image_markup or image_placeholder(processor)
 
 
 def fixed_image_token_count(processor) -> int:
@@ -229,41 +312,96 @@ def fixed_image_token_count(processor) -> int:
 
 
 def max_image_tokens(processor) -> int:
-    """The most tokens one image can take: the fixed count, or in a grid family that of the image shape
-    that fills its largest grid."""
+    """The most tokens one image can take: the fixed count, or that of the largest image the processor
+    keeps (a grid family: the shape filling its largest grid; Qwen: a square of its max_pixels)."""
     family = processor_family(processor)
     if family.fixed_image_tokens:
         return fixed_image_token_count(processor)
-    shapes = processor.image_processor.image_grid_pinpoints
-    return max(image_tokens_for_size(processor, w, h) for h, w in shapes)
+    return max(image_tokens_for_size(processor, w, h) for w, h in largest_images(processor))
+
+
+def largest_images(processor) -> list[tuple[int, int]]:
+    """`(width, height)` of the images that take the most tokens under `processor`'s resizing rules."""
+    ip = processor.image_processor
+    if pinpoints := getattr(ip, "image_grid_pinpoints", None):
+        return [(w, h) for h, w in pinpoints]
+    size = dict(getattr(ip, "size", None) or {})
+    if "longest_edge" in size and hasattr(ip, "merge_size"):  # Qwen: longest_edge is max_pixels
+        side = int(size["longest_edge"] ** 0.5)
+        return [(side, side)]
+    if "height" in size:
+        return [(size["width"], size["height"])]
+    side = size.get("longest_edge") or size.get("shortest_edge") or 336
+    return [(side, side)]
 
 
 def image_tokens_for_size(processor, width: int, height: int) -> int:
-    """Tokens an image of `width` x `height` pixels takes: in a grid family the count depends on the size
-    only, so the processor's own expansion of a blank image of that size gives it."""
+    """Tokens an image of `width` x `height` pixels takes (its markup included where the processor
+    expands the placeholder into more than image tokens, as Gemma 3's start and end of image): the
+    processor's own expansion of a blank image of that size gives it."""
     from PIL import Image
 
-    return image_inputs(processor, [Image.new("RGB", (width, height))])[1][0]
+    return image_inputs(processor, [Image.new("RGB", (width, height))]).counts[0]
 
 
-def image_inputs(processor, images: list) -> tuple[dict, list[int]]:
-    """The model inputs that carry `images` (`pixel_values` and the family's other pixel keys, batched
-    image by image) and the number of tokens each image's `<image>` expands to.
+@dataclass
+class ImageInputs:
+    """The model inputs that carry some images and the text each image's placeholder expands to."""
 
-    A fixed-resolution family needs only the image processor. Otherwise the processor's own expansion
-    decides: it is run on a text holding one image token per image, and the tokens of each image are
-    counted there, so the counts are exactly what inference with this processor gives.
+    pixels: dict
+    """`pixel_values` and the family's other pixel keys, batched image by image."""
+    texts: list[str]
+    """What the processor writes in place of each image's placeholder."""
+    counts: list[int]
+    """Tokens of each of `texts`."""
+
+
+def image_inputs(processor, images: list) -> ImageInputs:
+    """The model inputs that carry `images` and what each image's placeholder expands to, exactly as
+    inference with this processor gives them.
+
+    A fixed-resolution family needs only the image processor. A grid family's processor is run on a text
+    holding one image token per image and the tokens of each image are counted there. Otherwise
+    (`pixel_layout` rows) the processor runs on each image with its placeholder alone, and the expansion
+    is read back from the tokens it wrote; it must tokenise back to the same tokens.
     """
     family = processor_family(processor)
+    token = processor.image_token
     if family.fixed_image_tokens:
         pixels = processor.image_processor(images=images, return_tensors="pt")
-        return {"pixel_values": pixels["pixel_values"]}, [fixed_image_token_count(processor)] * len(images)
-    token = processor.image_token
-    batch = processor(text=["\n".join([token] * len(images))], images=images, return_tensors="pt")
-    counts = _runs(batch["input_ids"][0].tolist(), processor.tokenizer.convert_tokens_to_ids(token))
-    if len(counts) != len(images):
-        raise ValueError(f"the processor expanded {len(images)} images into {len(counts)} image-token runs")
-    return {key: batch[key] for key in family.pixel_keys}, counts
+        n = fixed_image_token_count(processor)
+        return ImageInputs({"pixel_values": pixels["pixel_values"]}, [token * n] * len(images), [n] * len(images))
+    if family.pixel_layout == "tiles":
+        batch = processor(text=["\n".join([token] * len(images))], images=images, return_tensors="pt")
+        counts = _runs(batch["input_ids"][0].tolist(), processor.tokenizer.convert_tokens_to_ids(token))
+        if len(counts) != len(images):
+            raise ValueError(f"the processor expanded {len(images)} images into {len(counts)} image-token runs")
+        return ImageInputs({key: batch[key] for key in family.pixel_keys}, [token * n for n in counts], counts)
+    parts = [_one_image(processor, family, image) for image in images]
+    pixels = {key: [p[0][key] for p in parts] for key in family.pixel_keys}
+    return ImageInputs(concat_pixels(family, pixels), [p[1] for p in parts], [p[2] for p in parts])
+
+
+def _one_image(processor, family: Family, image) -> tuple[dict, str, int]:
+    """`(pixel inputs, expansion text, its token count)` of one image, from the processor's own call."""
+    tokenizer = processor.tokenizer
+    batch = processor(text=[image_placeholder(processor)], images=[image], return_tensors="pt",
+                      add_special_tokens=False)
+    ids = batch["input_ids"][0].tolist()
+    text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    if tokenizer(text, add_special_tokens=False)["input_ids"] != ids:
+        raise ValueError(f"{family.processor_class}: an image's tokens do not read back as text; this tokenizer "
+                         "cannot be used for training")
+    return {key: batch[key] for key in family.pixel_keys}, text, len(ids)
+
+
+def concat_pixels(family: Family, pixels: dict[str, list]) -> dict:
+    """Join per-example (or per-image) pixel inputs, key by key, as `family.pixel_layout` says."""
+    import torch
+
+    if family.pixel_layout == "rows":
+        return {key: torch.cat(tensors, dim=0) for key, tensors in pixels.items() if tensors}
+    return {key: pad_and_concat(tensors) for key, tensors in pixels.items() if tensors}
 
 
 def _runs(ids: list[int], token_id: int) -> list[int]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from medllava.config import ConfigError
 from medllava.families import (FAMILIES, Family, UnsupportedModelError, checkpoint_model_type, get_family,
-                               model_family)
+                               load_processor, model_family)
 from medllava.hd import GRID_FIELD, check_pinpoints, to_hd
 from medllava.io import atomic_dir
 from medllava.tiny import TINY_SPECS, build_tiny
@@ -99,7 +99,6 @@ def _load(cfg: ModelConfig, quantize_4bit: bool):
     path = Path(cfg.name_or_path)
     family = check_checkpoint_dir(path)
     import transformers
-    from transformers import AutoProcessor
 
     model = getattr(transformers, family.model_class).from_pretrained(
         path,
@@ -109,7 +108,7 @@ def _load(cfg: ModelConfig, quantize_4bit: bool):
         attn_implementation=cfg.attn_implementation,
         quantization_config=_nf4_config(dtype, family) if quantize_4bit else None,
     )
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    processor = load_processor(path, family, trust_remote_code=cfg.trust_remote_code)
     return model, processor
 
 
@@ -219,12 +218,17 @@ def save_model(model, processor, out_dir: str | os.PathLike) -> Path:
     return Path(out_dir)
 
 
-def module_of(param_name: str, modules: tuple[str, ...] = MODULES) -> str:
-    """The top-level module a parameter belongs to (one of `modules`, its family's)."""
+def module_of(param_name: str, modules: tuple[str, ...] = MODULES, saved_prefixes: tuple[tuple[str, str], ...] = ()) -> str:
+    """The top-level module a parameter belongs to (one of `modules`, its family's): the innermost of them
+    among the first three parts of its name (Qwen's `model.visual.merger` is the merger, not the tower), else
+    by the family's `saved_prefixes` for a name as a saved checkpoint holds it."""
     parts = param_name.split(".")
-    for part in parts[:3]:
+    for part in reversed(parts[:3]):
         if part in modules:
             return part
+    for prefix, module in saved_prefixes:
+        if param_name.startswith(prefix):
+            return module
     raise ValueError(f"parameter {param_name!r} is in none of {modules}")
 
 

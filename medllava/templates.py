@@ -207,7 +207,8 @@ def render(
 ) -> Rendered:
     """Render `turns` ({from, value}, alternating, human first) with `template`.
 
-    `image_text` replaces each `<image>` (normally the image token repeated once per image feature).
+    `image_text` replaces each `<image>` in a hand-written template (the family's image markup,
+    `medllava.families.image_markup`); a chat template writes its own markup per image.
     `eos` is the end-of-turn string after each assistant reply. With `add_generation_prompt`, the
     text ends where the assistant's next reply would start (turns must then end with a human turn).
     `processor` (one with a chat template) is needed only for `chat_template`.
@@ -215,7 +216,7 @@ def render(
     spec = get_template(template)
     turns = [dict(t, value=_image_first(t["value"])) if t["from"] == HUMAN else t for t in turns]
     if spec.writer is None:
-        return _render_chat_template(turns, processor, image_text, add_generation_prompt)
+        return _render_chat_template(turns, processor, add_generation_prompt)
     if problem := spec.problem(turns):
         raise UnusableConversation(problem)
     b = _Builder()
@@ -223,14 +224,15 @@ def render(
     return b.done()
 
 
-def _render_chat_template(turns, processor, image_text, add_generation_prompt) -> Rendered:
+def _render_chat_template(turns, processor, add_generation_prompt) -> Rendered:
     """Render with the processor's Jinja chat template; assistant spans come from rendering prefixes.
 
-    llava-hf processors ship a chat template over structured content (`{"type": "image"}` and
-    `{"type": "text"}` parts) that writes one `<image>` per image part; those are expanded to
-    `image_text` afterwards, shifting the spans. The text after rendering turns[:i] with a generation
-    prompt and before rendering turns[:i+1] is the i-th assistant reply with its end-of-turn markup; a
-    template whose prefix renderings are not prefixes of the full rendering cannot be masked this way.
+    Processors ship a chat template over structured content (`{"type": "image"}` and `{"type": "text"}`
+    parts) that writes the family's own markup per image part (`<image>\n`, Qwen's
+    `<|vision_start|><|image_pad|><|vision_end|>`, Gemma 3's `<start_of_image>`); it is left as written,
+    for the caller to expand. The text after rendering turns[:i] with a generation prompt and before
+    rendering turns[:i+1] is the i-th assistant reply with its end-of-turn markup; a template whose prefix
+    renderings are not prefixes of the full rendering cannot be masked this way.
     """
     if processor is None or not getattr(processor, "chat_template", None):
         raise ValueError("template 'chat_template' needs a processor that has a chat template")
@@ -253,23 +255,24 @@ def _render_chat_template(turns, processor, image_text, add_generation_prompt) -
         if not (full.startswith(end_text) and end_text.startswith(start_text)):
             raise ValueError("the chat template does not render prefixes stably; use vicuna_v1 or mistral_instruct")
         spans.append((len(start_text), len(end_text)))
-    return _expand_images(full, spans, image_text)
+    return Rendered(full, spans)
 
 
-def _expand_images(text: str, spans: list[tuple[int, int]], image_text: str | Sequence[str]) -> Rendered:
-    """Replace each `<image>` in `text` by `image_text` (or the i-th one by `image_text[i]`), moving the
+def _expand_images(text: str, spans: list[tuple[int, int]], image_text: str | Sequence[str],
+                   placeholder: str = IMAGE_PLACEHOLDER) -> Rendered:
+    """Replace each `placeholder` in `text` by `image_text` (or the i-th one by `image_text[i]`), moving the
     spans that follow it."""
     positions = []
-    start = text.find(IMAGE_PLACEHOLDER)
+    start = text.find(placeholder)
     while start != -1:
         positions.append(start)
-        start = text.find(IMAGE_PLACEHOLDER, start + len(IMAGE_PLACEHOLDER))
+        start = text.find(placeholder, start + len(placeholder))
     texts = [image_text] * len(positions) if isinstance(image_text, str) else list(image_text)
     if len(texts) != len(positions):
-        raise ValueError(f"{len(positions)} {IMAGE_PLACEHOLDER} placeholders for {len(texts)} images")
-    if all(t == IMAGE_PLACEHOLDER for t in texts):
+        raise UnusableConversation(f"{len(positions)} {placeholder} placeholders for {len(texts)} images")
+    if all(t == placeholder for t in texts):
         return Rendered(text, spans)
-    grows = [len(t) - len(IMAGE_PLACEHOLDER) for t in texts]
+    grows = [len(t) - len(placeholder) for t in texts]
 
     def shift(offset: int) -> int:
         return offset + sum(g for p, g in zip(positions, grows) if p < offset)
@@ -277,7 +280,7 @@ def _expand_images(text: str, spans: list[tuple[int, int]], image_text: str | Se
     parts, last = [], 0
     for p, t in zip(positions, texts):
         parts += [text[last:p], t]
-        last = p + len(IMAGE_PLACEHOLDER)
+        last = p + len(placeholder)
     parts.append(text[last:])
     return Rendered("".join(parts), [(shift(a), shift(b)) for a, b in spans])
 
@@ -290,26 +293,34 @@ def encode_conversation(
     turns: list[dict],
     processor,
     template: str,
-    num_image_tokens: int | Sequence[int],
+    num_image_tokens: int | Sequence[int] | None = None,
     max_length: int | None = None,
     system: str | None = None,
+    image_texts: Sequence[str] | None = None,
 ) -> dict[str, list[int]]:
     """Turn a conversation into `input_ids`, `attention_mask` and `labels` (lists of length T).
 
-    Each `<image>` becomes `num_image_tokens` image tokens (one count for every image, or the i-th
-    image's count for the i-th `<image>` where it depends on the image's size). Labels are the input ids on assistant
-    tokens (end-of-turn token included) and -100 elsewhere; the model shifts them internally.
-    Truncation cuts the end; a conversation whose image tokens or whole first reply would be cut
-    raises TooLongError (training on a cut image or on no target teaches nothing).
+    The conversation is rendered with the family's image markup, then each image's placeholder
+    (`medllava.families.image_placeholder`) becomes what the processor writes for it: `image_texts[i]`
+    for the i-th image, or `num_image_tokens` image tokens (one count for every image, or the i-th
+    image's count). Labels are the input ids on assistant tokens (end-of-turn token included) and -100
+    elsewhere; the model shifts them internally. Truncation cuts the end; a conversation whose image
+    tokens or whole first reply would be cut raises TooLongError (training on a cut image or on no target
+    teaches nothing).
     """
-    tokenizer, image_token = processor.tokenizer, processor.image_token
-    if isinstance(num_image_tokens, int):
-        rendered = render(turns, template, eos=tokenizer.eos_token or "", image_text=image_token * num_image_tokens,
-                          system=system, processor=processor)
-    else:
-        placeheld = render(turns, template, eos=tokenizer.eos_token or "", system=system, processor=processor)
-        rendered = _expand_images(placeheld.text, placeheld.assistant_spans,
-                                  [image_token * n for n in num_image_tokens])
+    from medllava.families import image_markup, image_placeholder
+
+    tokenizer = processor.tokenizer
+    placeheld = render(turns, template, eos=tokenizer.eos_token or "", image_text=image_markup(processor),
+                       system=system, processor=processor)
+    placeholder = image_placeholder(processor)
+    if image_texts is None:
+        token = processor.image_token
+        if isinstance(num_image_tokens, int):
+            image_texts = [token * num_image_tokens] * placeheld.text.count(placeholder)
+        else:
+            image_texts = [token * n for n in num_image_tokens]
+    rendered = _expand_images(placeheld.text, placeheld.assistant_spans, list(image_texts), placeholder)
     enc = tokenizer(
         rendered.text, add_special_tokens=not get_template(template).writes_bos, return_offsets_mapping=True,
     )
@@ -325,15 +336,30 @@ def encode_conversation(
         if k < len(spans) and start < spans[k][1] and end > spans[k][0]:
             labels[i] = ids[i]
     if max_length is not None and len(ids) > max_length:
-        image_id = tokenizer.convert_tokens_to_ids(image_token)
+        image_id = tokenizer.convert_tokens_to_ids(processor.image_token)
         cut_ids, cut_labels = ids[:max_length], labels[:max_length]
-        if ids.count(image_id) != cut_ids.count(image_id):
+        if ids.count(image_id) != cut_ids.count(image_id) or _cuts_an_image(rendered.text, offsets, max_length,
+                                                                           image_texts):
             raise TooLongError(f"{len(ids)} tokens; max_length {max_length} would cut the image tokens")
         first_reply_end = _first_reply_end(labels)
         if first_reply_end > max_length:
             raise TooLongError(f"{len(ids)} tokens; max_length {max_length} would cut the first reply")
         ids, labels = cut_ids, cut_labels
     return {"input_ids": list(ids), "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def _cuts_an_image(text: str, offsets, max_length: int, image_texts: Sequence[str]) -> bool:
+    """Whether cutting the tokens at `max_length` ends inside an image's expansion (its markup included)."""
+    cut_at = offsets[max_length - 1][1]
+    start = 0
+    for expansion in image_texts:
+        found = text.find(expansion, start)
+        if found == -1:
+            continue
+        if found < cut_at < found + len(expansion):
+            return True
+        start = found + len(expansion)
+    return False
 
 
 def _first_reply_end(labels: list[int]) -> int:
@@ -360,8 +386,10 @@ def supervised_spans(labels: list[int]) -> list[tuple[int, int]]:
 
 
 def prompt_text(question: str, template: str, processor, system: str | None = None) -> str:
-    """The generation prompt for one question about one image, with a single `<image>` placeholder
-    (the processor expands it, as it does at inference)."""
+    """The generation prompt for one question about one image, with the family's markup for it (the
+    processor expands its placeholder, as it does at inference)."""
+    from medllava.families import image_markup
+
     turns = [{"from": HUMAN, "value": IMAGE_PLACEHOLDER + "\n" + question}]
     eos = processor.tokenizer.eos_token or ""
-    return render(turns, template, eos, IMAGE_PLACEHOLDER, system, processor, add_generation_prompt=True).text
+    return render(turns, template, eos, image_markup(processor), system, processor, add_generation_prompt=True).text

@@ -68,6 +68,13 @@ class TinySpec:
     """As LLaVA-OneVision: a SigLIP tower (no CLS, every patch kept), a Qwen2 language model and its ChatML
     tokens; otherwise a CLIP tower (CLS dropped) and a LLaMA language model."""
 
+    @property
+    def builder(self):
+        """The function building a family whose processor is not LLaVA's (medllava.tiny_modern), or None."""
+        from medllava import tiny_modern
+
+        return {"qwen2_5_vl": tiny_modern.build_qwen2_5_vl, "gemma3": tiny_modern.build_gemma3}.get(self.family)
+
 
 # `tiny` is for unit tests and the demo (16 image tokens); `small` learns something in minutes on a CPU
 # (64 image tokens); `tiny-next` is `tiny` as LLaVA-NeXT, 16-px tiles in grids of up to 2x2 (36 to 88 image
@@ -84,15 +91,22 @@ TINY_SPECS = {
     "tiny-onevision": TinySpec(512, 32, 2, 4, 2, 32, 2, 16, 4, 1024, init_std=32**-0.5, family="llava_onevision",
                                grid=tuple((16 * h, 16 * w) for h in (1, 2, 3) for w in (1, 2, 3)), max_tiles=4,
                                qwen2=True),
+    # `tiny` as Qwen2.5-VL: 4-px patches, 2x2 merged into a token, 4 to 64 tokens an image by its size (the
+    # demo images take 64); and as Gemma 3: 32-px images, 8x8 patches pooled to 16 tokens.
+    "tiny-qwen2.5-vl": TinySpec(512, 32, 2, 4, 2, 32, 2, 32, 4, 1024, init_std=32**-0.5, family="qwen2_5_vl"),
+    "tiny-gemma3": TinySpec(512, 32, 2, 4, 2, 32, 2, 32, 4, 1024, init_std=32**-0.5, family="gemma3"),
 }
 
 
-def build_tokenizer(vocab_size: int, qwen2: bool = False):
+def build_tokenizer(vocab_size: int, qwen2: bool = False, family: str = "llava"):
     """A byte-level BPE tokenizer trained on the shipped corpus, as a transformers fast tokenizer; with
-    `qwen2`, Qwen2's special tokens and no BOS, as LLaVA-OneVision's tokenizer."""
+    `qwen2`, Qwen2's special tokens and no BOS, as LLaVA-OneVision's tokenizer; for `family` qwen2_5_vl or
+    gemma3, that family's special tokens (medllava.tiny_modern)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    if family in ("qwen2_5_vl", "gemma3"):
+        return _modern_tokenizer(vocab_size, family)
     corpus = resources.files("medllava").joinpath("assets/tiny_corpus.txt").read_text(encoding="utf-8")
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -124,6 +138,38 @@ def build_tokenizer(vocab_size: int, qwen2: bool = False):
     )
 
 
+def _trained_bpe(vocab_size: int, specials: list[str]):
+    """The byte-level BPE trained on the shipped corpus with `specials` first."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    corpus = resources.files("medllava").joinpath("assets/tiny_corpus.txt").read_text(encoding="utf-8")
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus.splitlines(), trainer=trainer)
+    return tok
+
+
+def _modern_tokenizer(vocab_size: int, family: str):
+    """The trained BPE with a Qwen2-VL tokenizer's special tokens (no BOS, `<|im_end|>` ends a turn) or
+    Gemma 3's (BOS written by the chat template, image tokens declared by name)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from medllava.tiny_modern import GEMMA3_SPECIALS, GEMMA3_TOKEN_ATTRIBUTES, QWEN2_VL_SPECIALS
+
+    if family == "qwen2_5_vl":
+        return PreTrainedTokenizerFast(
+            tokenizer_object=_trained_bpe(vocab_size, list(QWEN2_VL_SPECIALS)), eos_token="<|im_end|>",
+            pad_token="<|endoftext|>", additional_special_tokens=list(QWEN2_VL_SPECIALS[1:]), padding_side="right",
+            model_max_length=4096)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=_trained_bpe(vocab_size, list(GEMMA3_SPECIALS)), bos_token="<bos>", eos_token="<eos>",
+        pad_token="<pad>", unk_token="<unk>", additional_special_tokens=list(GEMMA3_SPECIALS[4:]),
+        extra_special_tokens=GEMMA3_TOKEN_ATTRIBUTES, padding_side="right", model_max_length=4096)
+
+
 def build_tiny(name: str, seed: int = 0):
     """Build `(model, processor)` for a named spec with random weights (seeded)."""
     import torch
@@ -134,6 +180,8 @@ def build_tiny(name: str, seed: int = 0):
     if name not in TINY_SPECS:
         raise ValueError(f"unknown named model {name!r}; choose one of {', '.join(TINY_SPECS)} or a checkpoint folder")
     spec = TINY_SPECS[name]
+    if spec.builder is not None:
+        return spec.builder(build_tokenizer(spec.vocab_size, family=spec.family), spec, seed=seed)
     family = get_family(spec.family)
     tokenizer = build_tokenizer(spec.vocab_size, qwen2=spec.qwen2)
     processor = new_processor(family, tokenizer=tokenizer, **_processor_parts(spec))

@@ -526,7 +526,7 @@ def test_cli_anyres_end_to_end(tokenizer_files, tmp_path, capsys):
     assert checkpoint_family(out).model_type == "llava_next"
     _, processor = build_model(ModelConfig(name_or_path=str(out)))
     images = [random_image(w, h) for w, h in ANYRES_IMAGES]
-    assert image_inputs(processor, images)[1] == list(ANYRES_IMAGES.values())
+    assert image_inputs(processor, images).counts == list(ANYRES_IMAGES.values())
 
 
 def test_known_tower_shapes_when_its_weights_are_saved(tokenizer_files, tmp_path):

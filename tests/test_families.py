@@ -56,7 +56,7 @@ def shaped_examples(processor, n: int) -> tuple[list, list]:
     picked, images, counts = [], [], set()
     for ex in task.examples:
         image = load_image(task.image_path(ex))
-        count = image_inputs(processor, [image])[1][0]
+        count = image_inputs(processor, [image]).counts[0]
         if not varied or count not in counts or len(counts) >= 3:
             picked.append(ex)
             images.append(image)
@@ -144,7 +144,7 @@ def test_every_label_span_decodes_to_exactly_the_rendered_reply(models, named, t
         image.save(tmp_path / f"{name}.png")
         enc = encoder({"id": name, "image": f"{name}.png", "conversations": turns})
         n = enc["input_ids"].count(image_id)
-        assert n == image_inputs(processor, [image])[1][0] <= max_image_tokens(processor)
+        assert n == image_inputs(processor, [image]).counts[0] <= max_image_tokens(processor)
         counts.add(n)
         spans = supervised_spans(enc["labels"])
         assert len(spans) == len(replies)

@@ -106,7 +106,7 @@ def test_check_states_the_image_token_budget_per_example(hub_folder, tiny_next, 
     _, processor = tiny_next
     data, root = demo_data()
     images = [load_image(root / json.loads(line)["image"]) for line in data.read_text().splitlines()]
-    counts = sorted(image_inputs(processor, [im])[1][0] for im in images)
+    counts = sorted(image_inputs(processor, [im]).counts[0] for im in images)
     assert (budget["min"], budget["max"]) == (counts[0], counts[-1]) and counts[0] < counts[-1]
     assert budget["depends_on_image_shape"] is True and budget["max_per_image"] == max_image_tokens(processor)
     out = capsys.readouterr().out

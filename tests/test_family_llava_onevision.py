@@ -4,15 +4,13 @@ stage 1 moves exactly the connector, full and LoRA stage 2 what the freeze table
 batches agree, a head trains and reloads, batched answers and likelihoods equal one question asked alone,
 label spans are exact though each image shape takes its own number of tokens.
 
-transformers 5.25 builds this family's processor only with torchvision (see `medllava.families.new_processor`),
-which CPU machines here lack: the named model is built without it, and a checkpoint folder of the family is
-refused in one line naming torchvision, so each stage here starts from the named model and the saved weights
-are read from their safetensors."""
+transformers 5.25's AutoProcessor builds this family's processor only with torchvision, which CPU machines here
+lack: the named model is built without it (`medllava.families.new_processor`) and a checkpoint folder's processor
+from its saved parts (`medllava.families.load_processor`)."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 
@@ -34,7 +32,8 @@ from medllava.finetune.config import AdaptConfig
 from medllava.finetune.head_training import run_finetune
 from medllava.heads import load_with_heads
 from medllava.images import load_image
-from medllava.model import CheckpointError, ModelConfig, build_model, module_of, save_model
+from medllava.model import ModelConfig, build_model, module_of, save_model
+from medllava.templates import prompt_text
 from medllava.tiny import demo_data
 
 from medllava.eval.generate import ensure_pad_token
@@ -47,7 +46,6 @@ DATA, IMAGES = demo_data()
 DEMO_VQA_RAD = IMAGES.parent / "vqa_rad"
 CT = get_testdata_file("CT_small.dcm")
 LORA = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "merge": True}
-NO_TORCHVISION = importlib.util.find_spec("torchvision") is None
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +123,7 @@ def test_packed_and_padded_stages_log_the_same_first_loss(tmp_path):
     assert first["plain"] == pytest.approx(first["packed"], abs=1e-4)
 
 
-def test_the_feature_cache_under_zero3_and_without_torchvision_a_folder_are_refused(tmp_path, tiny_ov, monkeypatch):
+def test_the_feature_cache_under_zero3_is_refused(tmp_path, monkeypatch):
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
@@ -135,13 +133,18 @@ def test_the_feature_cache_under_zero3_and_without_torchvision_a_folder_are_refu
                        deepspeed=str(REPO / "finetune/configs/zero3.json"))
     with pytest.raises(ValueError, match="stage align: cache_vision_features does not work under ZeRO-3"):
         run_adapt(cached, ["align"])
-    if not NO_TORCHVISION:
-        return
-    folder = save_model(*tiny_ov, tmp_path / "ov")  # a standard folder: the processor saves as usual
-    with pytest.raises(CheckpointError, match=r"^\S+: loading a llava_onevision checkpoint needs torchvision \("):
-        build_model(ModelConfig(name_or_path=str(folder)))
-    with pytest.raises(ValueError, match="needs torchvision"):
-        run_adapt(from_dict(AdaptConfig, config(tmp_path / "f", model={"name_or_path": str(folder)})), ["align"])
+
+
+def test_a_saved_folder_loads_with_or_without_torchvision_and_prepares_the_same_inputs(tmp_path, tiny_ov):
+    """Without torchvision the processor is built from the folder's parts (medllava.families.load_processor);
+    either way it prepares exactly what the processor it was saved from prepares."""
+    folder = save_model(*tiny_ov, tmp_path / "ov")
+    _, processor = build_model(ModelConfig(name_or_path=str(folder)))
+    assert type(processor) is type(tiny_ov[1]) and processor.chat_template == tiny_ov[1].chat_template
+    image = load_image(next(IMAGES.iterdir()))
+    text = prompt_text("Is it normal?", "chat_template", processor)
+    got, want = (p(text=[text], images=[image], return_tensors="pt") for p in (processor, tiny_ov[1]))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def ask(model, processor, n: int = 4) -> list[str]:
@@ -181,7 +184,7 @@ def test_chat_answers_about_a_dicom_and_check_states_the_image_token_budget(tiny
     assert main(["check", "--model", "tiny-onevision", "--report", str(report)]) == 0
     checked = json.loads(report.read_text())
     budget = checked["image_tokens"]
-    counts = sorted(image_inputs(processor, [load_image(IMAGES / json.loads(line)["image"])])[1][0]
+    counts = sorted(image_inputs(processor, [load_image(IMAGES / json.loads(line)["image"])]).counts[0]
                     for line in DATA.read_text().splitlines())
     assert checked["template"] == "chat_template" and (budget["min"], budget["max"]) == (counts[0], counts[-1])
     assert budget["depends_on_image_shape"] is True and budget["max_per_image"] == max_image_tokens(processor)

@@ -92,7 +92,8 @@ def test_a_base_sized_image_keeps_the_source_models_features(tiny_checkpoint):
     # LLaVA-1.5 view, and the tile's 4x4 feature map gains image_newline at the end of each row.
     for grid in (GRID, [[16, 16], *GRID]):
         hd, processor = build_model(ModelConfig(name_or_path=str(tiny_checkpoint), grid_pinpoints=grid))
-        inputs, counts = image_inputs(processor, [image])
+        got = image_inputs(processor, [image])
+        inputs, counts = got.pixels, got.counts
         assert torch.equal(inputs["pixel_values"][0, 0], view[0])
         with torch.no_grad():
             features = hd.get_image_features(**inputs).pooler_output[0]
@@ -177,7 +178,7 @@ def test_the_documented_token_cost_is_the_processors():
     llava = LlavaProcessor(image_processor=clip, tokenizer=build_tokenizer(512), patch_size=14,
                            vision_feature_select_strategy="default", num_additional_image_tokens=1)
     hd = hd_processor(llava, DOC_GRID)
-    by_shape = {(h, w): image_inputs(hd, [Image.new("RGB", (w, h))])[1][0] for h, w in DOC_GRID}
+    by_shape = {(h, w): image_inputs(hd, [Image.new("RGB", (w, h))]).counts[0] for h, w in DOC_GRID}
     assert (max_image_tokens(llava), max_image_tokens(hd)) == (576, 2928)
     assert by_shape == {(336, 672): 1752, (672, 336): 1776, (672, 672): 2928}
     section = TRAINING_DOC.read_text().split("## LLaVA-1.5-HD")[1].split("\n## ")[0]

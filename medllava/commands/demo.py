@@ -30,6 +30,8 @@ import yaml
 
 from medllava.io import atomic_open, atomic_write_text, write_jsonl
 from medllava.locks import output_lock
+from medllava.model import ModelConfig, family_of
+from medllava.tiny import TINY_SPECS
 
 DICOM_FILES = ("CT_small.dcm", "examples_overlay.dcm")
 IMAGING = ["chest_xray", "ct_scan", "mri", "histology", "gross"]
@@ -47,7 +49,8 @@ def register(subparsers) -> None:
     )
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="work folder (default runs/demo)")
     p.add_argument("--model", default="tiny",
-                   help="named random-weight model to adapt: tiny, small or tiny-next (LLaVA-NeXT's tile grid)")
+                   help="named random-weight model to adapt: tiny, small, or the tiny model of another family: "
+                        + ", ".join(n for n in TINY_SPECS if n not in ("tiny", "small")))
     p.add_argument("--teacher-url", help="OpenAI-compatible endpoint that writes the instruction set")
     p.add_argument("--teacher-model", help="model name at the teacher endpoint")
     p.add_argument("--teacher-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
@@ -224,7 +227,8 @@ def adapt(work: Path, model: str) -> None:
         "bf16": False,
         "report_to": ["tensorboard"],
         "align": _stage(work / "curation" / "alignment.jsonl", images, "plain", 2e-3, 4),
-        "instruct": _stage(work / "instruct" / "stage2.jsonl", images, "vicuna_v1", 1e-3, 3,
+        "instruct": _stage(work / "instruct" / "stage2.jsonl", images, family_of(ModelConfig(model)).default_template,
+                           1e-3, 3,
                            lora={"enabled": True, "r": 8, "alpha": 16, "dropout": 0.0, "merge": True}),
     }
     path = work / "inputs" / "adapt.yaml"
