@@ -1,4 +1,6 @@
-"""`medllava curate pipeline`: extract -> classify -> dedupe -> align from one YAML config, resumable.
+"""`medllava curate pipeline`: extract -> [split] -> classify -> dedupe -> align from one YAML config, resumable.
+
+The split step (compound figures to panels) runs only when the config has a `split` section.
 
 Each config section holds one step's options under their command-line names (`min_confidence`
 for `--min-confidence`); the section is turned into that step's arguments and parsed by the
@@ -21,12 +23,13 @@ from pathlib import Path
 from medllava.io import DataError, atomic_write_json, atomic_write_text, read_yaml_mapping
 from medllava.locks import output_lock
 
-from medllava.curation import align, classify, dedupe, extract
+from medllava.curation import align, classify, dedupe, extract, split
 from medllava.curation.common import clear_stale_temps
 
 # (section, step module, output file, the --in of the step is the previous output)
 STEPS = [
     ("extract", extract, "figures.jsonl"),
+    ("split", split, "split.jsonl"),  # optional: only when the config has the section
     ("classify", classify, "classified.jsonl"),
     ("dedupe", dedupe, "deduped.jsonl"),
     ("align", align, "alignment.jsonl"),
@@ -97,8 +100,8 @@ def step_options(config: dict, section: str) -> dict:
     """A section's options with the defaults one step takes from another."""
     options = dict(config[section] or {})
     images = (config.get("extract") or {}).get("images_out")
-    if section == "dedupe" and "image_root" not in options and images:
-        options["image_root"] = images  # dedupe reads the images extract copied
+    if section in ("split", "dedupe") and "image_root" not in options and images:
+        options["image_root"] = images  # they read the images extract copied (split writes its crops there)
     return options
 
 
@@ -150,7 +153,7 @@ def _run_locked(config: dict, config_path: Path, base: Path, out_dir: Path) -> l
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "pipeline", help="run extract, classify, dedupe and align from one YAML config (resumable)",
+        "pipeline", help="run extract, split, classify, dedupe and align from one YAML config (resumable)",
         description="Run the curation steps named in a YAML config, skipping steps whose output is "
                     "already complete. See curation/pipeline_example.yaml.")
     p.add_argument("--config", type=Path, required=True, metavar="FILE", help="pipeline YAML")

@@ -16,7 +16,7 @@ from types import ModuleType
 
 from medllava import __version__
 from medllava.commands import chat, check, convert, demo
-from medllava.curation import align, classify, dedupe, extract, instruct, pipeline
+from medllava.curation import align, classify, dedupe, extract, instruct, pipeline, split
 from medllava.eval import judge, score
 from medllava.eval import run as eval_run
 from medllava.finetune import adapt, head_training
@@ -42,7 +42,7 @@ COMMANDS: tuple[ModuleType | Group, ...] = (
     demo,
     Group("curate", "build alignment and instruction sets from PMC figure-caption data",
           "Curate PMC Open Access figure-caption pairs into training sets.",
-          (extract, classify, dedupe, align, pipeline, instruct)),
+          (extract, split, classify, dedupe, align, pipeline, instruct)),
     Group("eval", "evaluate models on medical VQA benchmarks",
           "Answer, score and judge medical VQA benchmarks.",
           (score, eval_run, judge)),
