@@ -24,6 +24,7 @@ Stage folder layout (`<run_dir>/<stage>/`):
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from medllava.finetune.stage_data import prepare_dataset
 from medllava.finetune.stage_outputs import barrier, save_outputs
 from medllava.finetune.trainer import (InputWait, build_trainer, checkpoint_step, complete_checkpoints, is_main_process,
                               training_arguments, world_size)
-from medllava.families import Family
+from medllava.families import Family, model_family
 from medllava.io import atomic_write_json
 from medllava.model import ModelConfig, build_model, family_of, set_trainable
 
@@ -342,6 +343,22 @@ def describe_input_wait(wait: dict) -> str:
     return line
 
 
+def modules_to_save(model, modules: tuple[str, ...]) -> list[str]:
+    """The modules of `modules` LoRA trains in full beside the adapters (PEFT's `modules_to_save`), by name:
+    every one but the language model and lm_head; a module list (Qwen3-VL's DeepStack mergers) as its items,
+    since PEFT wraps single modules only."""
+    import torch
+
+    out: list[str] = []
+    for name, module in model.named_modules():
+        last = name.rsplit(".", 1)[-1]
+        if last not in modules or last in ("language_model", "lm_head"):
+            continue
+        items = [f"{last}.{i}" for i in range(len(module))] if isinstance(module, torch.nn.ModuleList) else [last]
+        out += [item for item in items if item not in out]
+    return out
+
+
 def apply_lora(model, lora: LoraConfig, modules: tuple[str, ...], autocast: bool = False, fold_dropout: bool = True):
     """Wrap the language model's linear layers with LoRA adapters; other trained modules
     (the projector) are trained in full and saved with the adapter. Only submodules can be: a name in
@@ -361,14 +378,14 @@ def apply_lora(model, lora: LoraConfig, modules: tuple[str, ...], autocast: bool
     from peft import get_peft_model
 
     layers = "|".join(lora.target_modules)
-    submodules = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    decoder = re.escape(model_family(model).decoder_layers)
     peft_config = PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        # Only the language model's projections: the vision tower has layers with the same names.
-        target_modules=rf".*language_model.*\.({layers})$",
-        modules_to_save=[m for m in modules if m not in ("language_model", "lm_head") and m in submodules] or None,
+        # Only the language model's decoder layers (the family's): the vision tower has layers of the same names.
+        target_modules=rf".*{decoder}\.\d+\..*\.({layers})$",
+        modules_to_save=modules_to_save(model, modules) or None,
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, peft_config)

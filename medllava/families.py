@@ -84,7 +84,9 @@ class Family:
     pixel_layout: str = "tiles"
     """How examples' image inputs join into a batch: `tiles` (one row per image, tiles zero-padded to the
     batch's most: the LLaVA families) or `rows` (every key concatenated along its first dimension: Qwen's
-    patch rows and grid sizes, Gemma 3's images)."""
+    patch rows and grid sizes, Gemma 3's images) or `images` (each image `(1, tiles, ...)`, one example's images
+    joined along the tiles into one row; rows zero-padded to the batch's most tiles, which Idefics3 and SmolVLM
+    drop as all-zero images)."""
     packing: str = ""
     """Why packing does not apply; empty where packed training is verified equal to padded training."""
     saved_prefixes: tuple[tuple[str, str], ...] = ()
@@ -169,6 +171,47 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
                          "output is not cached",
            packing="its image tokens attend to each other both ways through a mask built from token_type_ids; "
                    "packed rows are not verified to keep that mask inside each example"),
+    Family("qwen3_vl", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor",
+           "Qwen3-VL: a native-resolution ViT on 16-px patches whose merger joins 2x2 of them, DeepStack mergers "
+           "feeding the first decoder layers, interleaved 3-D rope positions",
+           modules=("visual", "merger", "deepstack_merger_list", "language_model", "lm_head"),
+           connector=("merger", "deepstack_merger_list"), nf4_skip=("model.visual", "lm_head"),
+           pixel_keys=("pixel_values", "image_grid_thw"), fixed_image_tokens=False,
+           default_template="chat_template", processor_needs=("torchvision",),
+           image_processor_pil="Qwen2VLImageProcessorPil", image_markup="<|vision_start|><|image_pad|><|vision_end|>",
+           pixel_layout="rows", rope_3d=True,
+           feature_cache="stage 1 trains its merger and DeepStack mergers, which sit inside the vision tower and "
+                         "read the hidden states of several of its layers; medllava caches one tower output",
+           packing="the model computes 3-D rope positions from each row's image tokens, one sequence per row"),
+    Family("idefics3", "Idefics3ForConditionalGeneration", "Idefics3Processor",
+           "Idefics3: a SigLIP tower on the image split into tiles plus the whole (global) image, a pixel-shuffle "
+           "connector, Llama 3",
+           modules=("vision_model", "connector", "language_model", "lm_head"), connector=("connector",),
+           decoder_layers="model.text_model.layers", nf4_skip=("model.vision_model", "model.connector", "lm_head"),
+           saved_prefixes=(("model.text_model.", "language_model"),),
+           pixel_keys=("pixel_values", "pixel_attention_mask"),
+           fixed_image_tokens=False, default_template="chat_template", pixel_layout="images",
+           feature_cache="medllava caches the LLaVA families' selected vision-tower layer per grid tile; the tiles "
+                         "of a split image and its global image are not keyed or cached",
+           image_processor_pil="Idefics3ImageProcessorPil"),
+    Family("smolvlm", "SmolVLMForConditionalGeneration", "SmolVLMProcessor",
+           "SmolVLM and SmolVLM2: Idefics3's split image, global image and pixel-shuffle connector on SmolLM2",
+           modules=("vision_model", "connector", "language_model", "lm_head"), connector=("connector",),
+           decoder_layers="model.text_model.layers", nf4_skip=("model.vision_model", "model.connector", "lm_head"),
+           saved_prefixes=(("model.text_model.", "language_model"),),
+           pixel_keys=("pixel_values", "pixel_attention_mask"),
+           fixed_image_tokens=False, default_template="chat_template", pixel_layout="images",
+           feature_cache="medllava caches the LLaVA families' selected vision-tower layer per grid tile; the tiles "
+                         "of a split image and its global image are not keyed or cached",
+           image_processor_pil="SmolVLMImageProcessorPil", processor_needs=("torchvision",)),
+    Family("mistral3", "Mistral3ForConditionalGeneration", "PixtralProcessor",
+           "Mistral Small 3.1 (Mistral 3): a Pixtral tower at native resolution, 2x2 patches merged in the projector, "
+           "rows of [IMG] tokens ended by [IMG_BREAK] and [IMG_END]",
+           pixel_keys=("pixel_values", "image_sizes"), fixed_image_tokens=False, default_template="chat_template",
+           processor_needs=("torchvision",), image_processor_pil="PixtralImageProcessorPil", pixel_layout="padded",
+           feature_cache="medllava caches the LLaVA families' selected vision-tower layer per image or grid tile; "
+                         "Pixtral's tower runs a batch's images of different sizes as one sequence, which is not "
+                         "keyed or cached"),
 )}
 """Every supported family, by model_type."""
 
@@ -401,6 +444,10 @@ def concat_pixels(family: Family, pixels: dict[str, list]) -> dict:
 
     if family.pixel_layout == "rows":
         return {key: torch.cat(tensors, dim=0) for key, tensors in pixels.items() if tensors}
+    if family.pixel_layout == "images":  # each image (1, tiles, ...): one row holding every image's tiles
+        return {key: torch.cat(tensors, dim=1) for key, tensors in pixels.items() if tensors}
+    if family.pixel_layout == "padded":  # Pixtral: images zero-padded to the largest height and width
+        return {key: pad_to_largest(tensors) for key, tensors in pixels.items() if tensors}
     return {key: pad_and_concat(tensors) for key, tensors in pixels.items() if tensors}
 
 
@@ -428,4 +475,19 @@ def pad_and_concat(tensors: list) -> object:
     for t in tensors:
         pad = t.new_zeros((t.shape[0], longest - t.shape[1], *t.shape[2:]))
         padded.append(torch.cat([t, pad], dim=1))
+    return torch.cat(padded, dim=0)
+
+
+def pad_to_largest(tensors: list) -> object:
+    """Concatenate image tensors along the first dimension, zero-padding every other dimension at its end to
+    the largest, as Pixtral's image processor pads a batch's images `(n, 3, H, W)` to its largest height and
+    width (the model reads each image's own size from `image_sizes`)."""
+    import torch
+
+    shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+    padded = []
+    for t in tensors:
+        out = t.new_zeros((t.shape[0], *shape))
+        out[tuple(slice(0, n) for n in t.shape)] = t
+        padded.append(out)
     return torch.cat(padded, dim=0)

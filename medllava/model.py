@@ -249,7 +249,7 @@ def set_trainable(model, modules: tuple[str, ...] | list[str] | str) -> list[str
     trainable = []
     for name, param in model.named_parameters():
         # 4-bit weights (QLoRA) are stored as integers: they cannot take gradients, adapters train instead.
-        param.requires_grad = (module_of(name, family.modules) in modules
+        param.requires_grad = (module_of(name, family.modules, family.saved_prefixes) in modules
                                and (param.is_floating_point() or param.is_complex()))
         if param.requires_grad:
             trainable.append(name)

@@ -71,9 +71,12 @@ class TinySpec:
     @property
     def builder(self):
         """The function building a family whose processor is not LLaVA's (medllava.tiny_modern), or None."""
-        from medllava import tiny_modern
+        from medllava import tiny_mistral3, tiny_modern, tiny_qwen3_vl, tiny_smolvlm
 
-        return {"qwen2_5_vl": tiny_modern.build_qwen2_5_vl, "gemma3": tiny_modern.build_gemma3}.get(self.family)
+        return {"qwen2_5_vl": tiny_modern.build_qwen2_5_vl, "gemma3": tiny_modern.build_gemma3,
+                "qwen3_vl": tiny_qwen3_vl.build_qwen3_vl,
+                "smolvlm": tiny_smolvlm.build_smolvlm, "idefics3": tiny_smolvlm.build_idefics3,
+                "mistral3": tiny_mistral3.build_mistral3}.get(self.family)
 
 
 # `tiny` is for unit tests and the demo (16 image tokens); `small` learns something in minutes on a CPU
@@ -95,6 +98,13 @@ TINY_SPECS = {
     # demo images take 64); and as Gemma 3: 32-px images, 8x8 patches pooled to 16 tokens.
     "tiny-qwen2.5-vl": TinySpec(512, 32, 2, 4, 2, 32, 2, 32, 4, 1024, init_std=32**-0.5, family="qwen2_5_vl"),
     "tiny-gemma3": TinySpec(512, 32, 2, 4, 2, 32, 2, 32, 4, 1024, init_std=32**-0.5, family="gemma3"),
+    # `tiny` as SmolVLM and Idefics3: images split into 16-px tiles (up to 2x2) plus the global image, 16 tokens each.
+    "tiny-smolvlm": TinySpec(512, 32, 2, 4, 2, 32, 2, 16, 2, 1024, init_std=32**-0.5, family="smolvlm"),
+    "tiny-idefics3": TinySpec(512, 32, 2, 4, 2, 32, 2, 16, 2, 1024, init_std=32**-0.5, family="idefics3"),
+    # `tiny` as Qwen3-VL: the real 16-px patches, 2x2 merged into a token, 4 to 64 tokens an image by its size.
+    "tiny-qwen3-vl": TinySpec(512, 32, 2, 4, 2, 32, 2, 32, 16, 1024, init_std=32**-0.5, family="qwen3_vl"),
+    # `tiny` as Mistral 3: 4-px patches, 2x2 merged into an [IMG], images at most 32 px a side (up to 4 rows of 4).
+    "tiny-mistral3": TinySpec(512, 32, 2, 4, 2, 32, 2, 32, 4, 1024, init_std=32**-0.5, family="mistral3"),
 }
 
 
@@ -105,7 +115,7 @@ def build_tokenizer(vocab_size: int, qwen2: bool = False, family: str = "llava")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    if family in ("qwen2_5_vl", "gemma3"):
+    if family in ("qwen2_5_vl", "qwen3_vl", "gemma3", "smolvlm", "idefics3", "mistral3"):
         return _modern_tokenizer(vocab_size, family)
     corpus = resources.files("medllava").joinpath("assets/tiny_corpus.txt").read_text(encoding="utf-8")
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -158,8 +168,14 @@ def _modern_tokenizer(vocab_size: int, family: str):
     from transformers import PreTrainedTokenizerFast
 
     from medllava.tiny_modern import GEMMA3_SPECIALS, GEMMA3_TOKEN_ATTRIBUTES, QWEN2_VL_SPECIALS
+    from medllava.tiny_smolvlm import smolvlm_tokenizer
 
-    if family == "qwen2_5_vl":
+    if family == "mistral3":
+        from medllava.tiny_mistral3 import tiny_tokenizer
+        return tiny_tokenizer(vocab_size)
+    if family in ("smolvlm", "idefics3"):  # medllava.tiny_smolvlm
+        return smolvlm_tokenizer(_trained_bpe, vocab_size, family)
+    if family in ("qwen2_5_vl", "qwen3_vl"):
         return PreTrainedTokenizerFast(
             tokenizer_object=_trained_bpe(vocab_size, list(QWEN2_VL_SPECIALS)), eos_token="<|im_end|>",
             pad_token="<|endoftext|>", additional_special_tokens=list(QWEN2_VL_SPECIALS[1:]), padding_side="right",
