@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medllava.loss import supervised_positions
-from medllava.families import (image_inputs, image_placeholder, max_image_tokens, pad_and_concat, pad_to_largest,
+from medllava.families import (image_inputs, image_placeholder, max_image_tokens, pad_and_concat,
                                processor_family)
 from medllava.records import image_paths
 from medllava.templates import DEFAULT_TEMPLATE, IGNORE_INDEX, TooLongError, UnusableConversation, encode_conversation
@@ -180,8 +180,7 @@ class Collator:
             return {"input_ids": torch.empty(0, 0, dtype=torch.long), "example_ids": [], "skipped": skipped}
         out = self._packed(kept) if self.pack else self._padded(kept)
         for key in dict.fromkeys(k for f in kept for k, v in f.items() if isinstance(v, torch.Tensor)):
-            tensors = [f[key] for f in kept if key in f]  # images of different sizes (Pixtral): padded to the largest
-            out[key] = pad_to_largest(tensors) if len({t.shape[2:] for t in tensors}) > 1 else pad_and_concat(tensors)
+            out[key] = pad_and_concat([f[key] for f in kept if key in f])
         if self.image_keys:
             out["image_keys"] = [key for f in kept for key in f.get("image_keys", [])]
         if self.sparse_logits:

@@ -86,7 +86,8 @@ class Family:
     batch's most: the LLaVA families) or `rows` (every key concatenated along its first dimension: Qwen's
     patch rows and grid sizes, Gemma 3's images) or `images` (each image `(1, tiles, ...)`, one example's images
     joined along the tiles into one row; rows zero-padded to the batch's most tiles, which Idefics3 and SmolVLM
-    drop as all-zero images)."""
+    drop as all-zero images) or `padded` (one row per image, each zero-padded to the largest height and width,
+    as Pixtral's processor pads: Mistral 3)."""
     packing: str = ""
     """Why packing does not apply; empty where packed training is verified equal to padded training."""
     saved_prefixes: tuple[tuple[str, str], ...] = ()
@@ -131,6 +132,15 @@ class Family:
         """`modules` without the bare parameters, which LoRA leaves frozen (see `bare_parameters`)."""
         return tuple(m for m in modules if m not in self.bare_parameters)
 
+
+_SPLIT_IMAGE = dict(
+    modules=("vision_model", "connector", "language_model", "lm_head"), connector=("connector",),
+    decoder_layers="model.text_model.layers", nf4_skip=("model.vision_model", "model.connector", "lm_head"),
+    saved_prefixes=(("model.text_model.", "language_model"),), pixel_keys=("pixel_values", "pixel_attention_mask"),
+    fixed_image_tokens=False, default_template="chat_template", pixel_layout="images",
+    feature_cache="medllava caches the LLaVA families' selected vision-tower layer per grid tile; the tiles of a "
+                  "split image and its global image are not keyed or cached")
+"""What Idefics3 and SmolVLM (the same architecture on another language model) share."""
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("llava", "LlavaForConditionalGeneration", "LlavaProcessor",
@@ -186,24 +196,10 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("idefics3", "Idefics3ForConditionalGeneration", "Idefics3Processor",
            "Idefics3: a SigLIP tower on the image split into tiles plus the whole (global) image, a pixel-shuffle "
            "connector, Llama 3",
-           modules=("vision_model", "connector", "language_model", "lm_head"), connector=("connector",),
-           decoder_layers="model.text_model.layers", nf4_skip=("model.vision_model", "model.connector", "lm_head"),
-           saved_prefixes=(("model.text_model.", "language_model"),),
-           pixel_keys=("pixel_values", "pixel_attention_mask"),
-           fixed_image_tokens=False, default_template="chat_template", pixel_layout="images",
-           feature_cache="medllava caches the LLaVA families' selected vision-tower layer per grid tile; the tiles "
-                         "of a split image and its global image are not keyed or cached",
-           image_processor_pil="Idefics3ImageProcessorPil"),
+           image_processor_pil="Idefics3ImageProcessorPil", **_SPLIT_IMAGE),
     Family("smolvlm", "SmolVLMForConditionalGeneration", "SmolVLMProcessor",
            "SmolVLM and SmolVLM2: Idefics3's split image, global image and pixel-shuffle connector on SmolLM2",
-           modules=("vision_model", "connector", "language_model", "lm_head"), connector=("connector",),
-           decoder_layers="model.text_model.layers", nf4_skip=("model.vision_model", "model.connector", "lm_head"),
-           saved_prefixes=(("model.text_model.", "language_model"),),
-           pixel_keys=("pixel_values", "pixel_attention_mask"),
-           fixed_image_tokens=False, default_template="chat_template", pixel_layout="images",
-           feature_cache="medllava caches the LLaVA families' selected vision-tower layer per grid tile; the tiles "
-                         "of a split image and its global image are not keyed or cached",
-           image_processor_pil="SmolVLMImageProcessorPil", processor_needs=("torchvision",)),
+           image_processor_pil="SmolVLMImageProcessorPil", processor_needs=("torchvision",), **_SPLIT_IMAGE),
     Family("mistral3", "Mistral3ForConditionalGeneration", "PixtralProcessor",
            "Mistral Small 3.1 (Mistral 3): a Pixtral tower at native resolution, 2x2 patches merged in the projector, "
            "rows of [IMG] tokens ended by [IMG_BREAK] and [IMG_END]",
@@ -446,8 +442,7 @@ def concat_pixels(family: Family, pixels: dict[str, list]) -> dict:
         return {key: torch.cat(tensors, dim=0) for key, tensors in pixels.items() if tensors}
     if family.pixel_layout == "images":  # each image (1, tiles, ...): one row holding every image's tiles
         return {key: torch.cat(tensors, dim=1) for key, tensors in pixels.items() if tensors}
-    if family.pixel_layout == "padded":  # Pixtral: images zero-padded to the largest height and width
-        return {key: pad_to_largest(tensors) for key, tensors in pixels.items() if tensors}
+    # tiles (LLaVA's grids) or padded (Pixtral's sizes): zero-padded to the largest
     return {key: pad_and_concat(tensors) for key, tensors in pixels.items() if tensors}
 
 
@@ -464,26 +459,14 @@ def _runs(ids: list[int], token_id: int) -> list[int]:
 
 
 def pad_and_concat(tensors: list) -> object:
-    """Concatenate per-example image tensors along the first dimension, zero-padding the second (a grid
-    model's tile count) to the longest: the model reads each image's real tiles from `image_sizes`."""
+    """Concatenate image tensors along the first dimension, zero-padding every other dimension at its end to
+    the largest: a grid model's tile count (LLaVA-NeXT, whose model reads each image's real tiles from
+    `image_sizes`), SmolVLM's tiles, or Pixtral's height and width (as its image processor pads a batch's
+    images `(n, 3, H, W)`; the model reads each image's own size from `image_sizes`)."""
     import torch
 
     if len({t.shape[1:] for t in tensors}) <= 1:
         return torch.cat(tensors, dim=0)
-    longest = max(t.shape[1] for t in tensors)
-    padded = []
-    for t in tensors:
-        pad = t.new_zeros((t.shape[0], longest - t.shape[1], *t.shape[2:]))
-        padded.append(torch.cat([t, pad], dim=1))
-    return torch.cat(padded, dim=0)
-
-
-def pad_to_largest(tensors: list) -> object:
-    """Concatenate image tensors along the first dimension, zero-padding every other dimension at its end to
-    the largest, as Pixtral's image processor pads a batch's images `(n, 3, H, W)` to its largest height and
-    width (the model reads each image's own size from `image_sizes`)."""
-    import torch
-
     shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
     padded = []
     for t in tensors:
