@@ -87,7 +87,7 @@ def build_mistral3(tokenizer, spec, seed: int = 0):
     import torch
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralImageProcessorPil
 
-    from medllava.tiny_modern import _generation_ids, chat_template
+    from medllava.tiny_modern import set_generation_ids, chat_template
 
     merge, patch = 2, spec.patch_size
     image_processor = PixtralImageProcessorPil(size={"longest_edge": spec.image_size},
@@ -110,5 +110,5 @@ def build_mistral3(tokenizer, spec, seed: int = 0):
     )
     torch.manual_seed(seed)
     model = Mistral3ForConditionalGeneration(config)
-    _generation_ids(model, tokenizer, stop=[tokenizer.eos_token_id])
+    set_generation_ids(model, tokenizer, stop=[tokenizer.eos_token_id])
     return model.eval(), processor

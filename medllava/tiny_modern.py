@@ -34,17 +34,11 @@ def build_qwen2_5_vl(tokenizer, spec, seed: int = 0):
     `QWEN2_VL_SPECIALS`). Images are cut into `spec.patch_size` patches, 2x2 of which the merger joins into
     one token, between 4 and 64 tokens an image (min/max pixels)."""
     import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
-    from transformers.video_processing_utils import BaseVideoProcessor
-
-    from medllava.families import FAMILIES, new_processor
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     merge, patch = 2, spec.patch_size
     unit = patch * merge
-    image_processor = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=merge, temporal_patch_size=2,
-                                               min_pixels=4 * unit * unit, max_pixels=64 * unit * unit)
-    processor = new_processor(FAMILIES["qwen2_5_vl"], image_processor=image_processor, tokenizer=tokenizer,
-                              video_processor=BaseVideoProcessor(), chat_template=chat_template("qwen2_vl"))
+    processor = qwen_vl_processor("qwen2_5_vl", "qwen2_vl", tokenizer, spec)
     ids = tokenizer.convert_tokens_to_ids
     head_dim = spec.hidden // spec.heads
     config = Qwen2_5_VLConfig(
@@ -59,14 +53,36 @@ def build_qwen2_5_vl(tokenizer, spec, seed: int = 0):
                            intermediate_size=spec.vision_hidden * 2, num_heads=2, out_hidden_size=spec.hidden,
                            patch_size=patch, spatial_merge_size=merge, temporal_patch_size=2, window_size=2 * unit,
                            fullatt_block_indexes=[spec.vision_layers - 1]),
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=False,
+        **qwen_vl_token_ids(tokenizer), tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
-    _generation_ids(model, tokenizer, stop=[ids("<|im_end|>"), ids("<|endoftext|>")])
+    set_generation_ids(model, tokenizer, stop=[ids("<|im_end|>"), ids("<|endoftext|>")])
     return model.eval(), processor
+
+
+def qwen_vl_processor(family: str, template: str, tokenizer, spec, **image_settings):
+    """A Qwen-VL family's processor built from parts, without torchvision: the Qwen2-VL PIL image processor on
+    `spec.patch_size` patches, 2x2 merged into a token, 4 to 64 tokens an image (min/max pixels), with the
+    family's own `image_settings` (Qwen3-VL's mean and std), and the chat template `template`."""
+    from transformers import Qwen2VLImageProcessorPil
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    from medllava.families import FAMILIES, new_processor
+
+    unit = spec.patch_size * 2
+    image_processor = Qwen2VLImageProcessorPil(patch_size=spec.patch_size, merge_size=2, temporal_patch_size=2,
+                                               min_pixels=4 * unit * unit, max_pixels=64 * unit * unit,
+                                               **image_settings)
+    return new_processor(FAMILIES[family], image_processor=image_processor, tokenizer=tokenizer,
+                         video_processor=BaseVideoProcessor(), chat_template=chat_template(template))
+
+
+def qwen_vl_token_ids(tokenizer) -> dict[str, int]:
+    """A Qwen-VL config's vision token ids, as `tokenizer` holds the tokens."""
+    ids = tokenizer.convert_tokens_to_ids
+    return {"image_token_id": ids("<|image_pad|>"), "video_token_id": ids("<|video_pad|>"),
+            "vision_start_token_id": ids("<|vision_start|>"), "vision_end_token_id": ids("<|vision_end|>")}
 
 
 def _mrope_section(head_dim: int) -> list[int]:
@@ -109,11 +125,11 @@ def build_gemma3(tokenizer, spec, seed: int = 0):
     )
     torch.manual_seed(seed)
     model = Gemma3ForConditionalGeneration(config)
-    _generation_ids(model, tokenizer, stop=[tokenizer.eos_token_id, ids("<end_of_turn>")])
+    set_generation_ids(model, tokenizer, stop=[tokenizer.eos_token_id, ids("<end_of_turn>")])
     return model.eval(), processor
 
 
-def _generation_ids(model, tokenizer, stop: list[int]) -> None:
+def set_generation_ids(model, tokenizer, stop: list[int]) -> None:
     """Stop where the chat template ends a turn, as the family's instruction-tuned checkpoints do."""
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = stop

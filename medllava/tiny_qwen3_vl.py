@@ -17,20 +17,14 @@ def build_qwen3_vl(tokenizer, spec, seed: int = 0):
     the real models), 2x2 of which the merger joins into one token, between 4 and 64 tokens an image (min/max
     pixels); each vision layer feeds one DeepStack merger, as the real tower's layers 8, 16 and 24 do."""
     import torch
-    from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration
-    from transformers.video_processing_utils import BaseVideoProcessor
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    from medllava.families import FAMILIES, new_processor
-    from medllava.tiny_modern import _generation_ids, chat_template
+    from medllava.tiny_modern import qwen_vl_processor, qwen_vl_token_ids, set_generation_ids
 
     merge, patch = 2, spec.patch_size
-    unit = patch * merge
     # Qwen3-VL's preprocessor_config.json: mean and std 0.5, temporal patches of 2 frames.
-    image_processor = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=merge, temporal_patch_size=2,
-                                               min_pixels=4 * unit * unit, max_pixels=64 * unit * unit,
-                                               image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-    processor = new_processor(FAMILIES["qwen3_vl"], image_processor=image_processor, tokenizer=tokenizer,
-                              video_processor=BaseVideoProcessor(), chat_template=chat_template("qwen3_vl"))
+    processor = qwen_vl_processor("qwen3_vl", "qwen3_vl", tokenizer, spec, image_mean=[0.5, 0.5, 0.5],
+                                  image_std=[0.5, 0.5, 0.5])
     ids = tokenizer.convert_tokens_to_ids
     head_dim = spec.hidden // spec.heads
     config = Qwen3VLConfig(
@@ -46,13 +40,11 @@ def build_qwen3_vl(tokenizer, spec, seed: int = 0):
                            patch_size=patch, spatial_merge_size=merge, temporal_patch_size=2,
                            num_position_embeddings=64, deepstack_visual_indexes=list(range(spec.vision_layers)),
                            initializer_range=spec.init_std),
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=False,
+        **qwen_vl_token_ids(tokenizer), tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config)
-    _generation_ids(model, tokenizer, stop=[ids("<|im_end|>"), ids("<|endoftext|>")])
+    set_generation_ids(model, tokenizer, stop=[ids("<|im_end|>"), ids("<|endoftext|>")])
     return model.eval(), processor
 
 

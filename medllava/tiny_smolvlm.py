@@ -13,7 +13,7 @@ transformers' base video processor, which nothing here calls.
 
 from __future__ import annotations
 
-from medllava.tiny_modern import _generation_ids, chat_template
+from medllava.tiny_modern import set_generation_ids, chat_template
 
 ROW_COL_TOKENS = tuple(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7))
 """The tile-position tokens both processors write (up to a 6 x 6 grid)."""
@@ -76,7 +76,7 @@ def _build(family_name: str, tokenizer, spec, seed: int):
     torch.manual_seed(seed)
     model = model_class(config)
     stop = [ids("<end_of_utterance>"), tokenizer.eos_token_id]
-    _generation_ids(model, tokenizer, stop=list(dict.fromkeys(stop)))
+    set_generation_ids(model, tokenizer, stop=list(dict.fromkeys(stop)))
     return model.eval(), processor
 
 
