@@ -9,18 +9,17 @@ in chunks, in worker processes with `--workers N`, and written in input order.
 from __future__ import annotations
 
 import functools
-import importlib
 import json
 import os
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
 from medllava.io import DataError, atomic_open
 
-from medllava.curation.common import StepReport, clear_stale_temps
+from medllava.curation.common import StepReport, clear_stale_temps, load_callable
 from medllava.curation.modality import LABELS, ModalityClassifier, decide, finish_scores, load_rules
 from medllava.curation.sources import is_llava_med_record, llava_med_to_figure
 
@@ -44,21 +43,6 @@ def build_classifier(rules: tuple[str, ...], min_confidence: float) -> ModalityC
     return ModalityClassifier(load_rules(list(rules)), min_confidence)
 
 
-@functools.lru_cache(maxsize=4)
-def load_plugin(spec: str) -> Callable[[str], dict]:
-    """Import the user's image classifier named `module:function`."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"--image-classifier must look like module:function, got {spec!r}")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"--image-classifier {spec}: cannot load it ({e})") from None
-    if not callable(fn):
-        raise ValueError(f"--image-classifier {spec}: {attr} is not callable")
-    return fn
-
-
 def blend(text: dict[str, float], image: dict[str, float], weight: float) -> dict[str, float]:
     """(1 - weight) * text + weight * image per label; a label a side does not name scores 0 there."""
     return {label: (1 - weight) * text.get(label, 0.0) + weight * float(image.get(label, 0.0))
@@ -70,7 +54,7 @@ def _image_scores(record: dict, settings: Settings, counts: Counter, examples: d
         return None
     path = os.path.join(settings.image_root or "", record["image"])
     try:
-        scores = load_plugin(settings.image_classifier)(path)
+        scores = load_callable(settings.image_classifier, "--image-classifier")(path)
         if not isinstance(scores, dict):
             raise TypeError(f"returned {type(scores).__name__}, expected a dict of label scores")
         unknown = set(scores) - set(LABELS)
@@ -203,7 +187,7 @@ def run(args) -> int:
     # Build once here so a broken rules file or plug-in fails before any work starts.
     build_classifier(settings.rules, settings.min_confidence)
     if settings.image_classifier:
-        load_plugin(settings.image_classifier)
+        load_callable(settings.image_classifier, "--image-classifier")
     clear_stale_temps([args.out])
     report = StepReport("classify")
     labels: Counter = Counter()

@@ -1,5 +1,6 @@
 """What every curation step shares: the end-of-run count report, reading figure records, bounded
-reads of untrusted files, and clearing the temporaries a killed earlier run left beside a step's outputs.
+reads of untrusted files, clearing the temporaries a killed earlier run left beside a step's outputs, and
+loading the user's plug-ins (`module:function`).
 
 A step never dies on one bad record: it counts it under a reason, keeps a few examples, and
 prints the tally at the end, so a 15M-record run tells exactly what it dropped and why.
@@ -7,11 +8,13 @@ prints the tally at the end, so a 15M-record run tells exactly what it dropped a
 
 from __future__ import annotations
 
+import functools
+import importlib
 import io
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from medllava.io import DataError, read_jsonl, remove_stale_temps, remove_stale_temps_under
@@ -164,3 +167,18 @@ def check_image(data: bytes) -> None:
         raise Rejected("not an image file Pillow recognises") from None
     except Exception as e:  # noqa: BLE001 - hostile bytes raise many kinds inside Pillow
         raise Rejected(f"not a decodable image ({type(e).__name__}: {e})") from None
+
+
+@functools.lru_cache(maxsize=8)
+def load_callable(spec: str, option: str) -> Callable:
+    """The user's plug-in named `module:function`; ValueError naming `option` if it cannot be loaded."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"{option} must look like module:function, got {spec!r}")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{option} {spec}: cannot load it ({e})") from None
+    if not callable(fn):
+        raise ValueError(f"{option} {spec}: {attr} is not callable")
+    return fn

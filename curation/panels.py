@@ -11,14 +11,11 @@ letter, a scale-bar label standing in a gutter) are dropped.
 
 Boxes are `[x0, y0, x1, y1]` in pixels of the figure, x1 and y1 exclusive, listed in reading order
 (`reading_order`). A detector the user has replaces `detect_panels` through `--detector
-module:function` (see `load_callable`): called with the image path, it returns such boxes.
+module:function` (see `medllava.curation.common.load_callable`): called with the image path, it returns such boxes.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -269,18 +266,3 @@ def check_boxes(value, width: int, height: int) -> list[Box]:
             raise ValueError(f"box {i} {list(box)} is empty inside the {width}x{height} figure")
         boxes.append((x0, y0, x1, y1))
     return boxes
-
-
-@functools.lru_cache(maxsize=8)
-def load_callable(spec: str, option: str) -> Callable:
-    """The user's plug-in named `module:function`; ValueError naming `option` if it cannot be loaded."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"{option} must look like module:function, got {spec!r}")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"{option} {spec}: cannot load it ({e})") from None
-    if not callable(fn):
-        raise ValueError(f"{option} {spec}: {attr} is not callable")
-    return fn

@@ -51,7 +51,8 @@ class Options:
 def find_boxes(path: Path, image, options: Options) -> list[Box]:
     """Panel boxes in reading order, from the plug-in detector if one is named, else the XY-cut."""
     # Imported here, as numpy is: `medllava --help` stays light.
-    from medllava.curation.panels import check_boxes, detect_panels, load_callable, reading_order
+    from medllava.curation.common import load_callable
+    from medllava.curation.panels import check_boxes, detect_panels, reading_order
 
     if options.detector is None:
         return detect_panels(image)
@@ -77,7 +78,7 @@ def order_by_ocr(path: Path, boxes: list[Box], labels: list[str], options: Optio
                  report: StepReport, where: str) -> list[str]:
     """The caption labels in box order: what the OCR plug-in read on each panel when that is exactly
     the caption's labels, else reading order (counted)."""
-    from medllava.curation.panels import load_callable
+    from medllava.curation.common import load_callable
 
     try:
         read = list(load_callable(options.ocr, "--ocr")(str(path), [list(b) for b in boxes]))
@@ -205,7 +206,7 @@ def run(args) -> int:
     if not args.image_root.is_dir():
         raise FileNotFoundError(f"--image-root folder not found: {args.image_root}")
     _check_panel_dir(args.panel_dir)
-    from medllava.curation.panels import load_callable
+    from medllava.curation.common import load_callable
 
     for spec, option in ((args.detector, "--detector"), (args.ocr, "--ocr")):
         if spec:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from medllava.curation.panels import (check_boxes, detect_panels, iou, load_callable, match_boxes,
-                                      reading_order)
+from medllava.curation.common import load_callable
+from medllava.curation.panels import check_boxes, detect_panels, iou, match_boxes, reading_order
 
 
 def panel(width: int, height: int, seed: int) -> np.ndarray:
