@@ -100,8 +100,10 @@ def direct_log_likelihood(model, processor, question, image, answer, template) -
     """log p(reply | prompt, image) from one unpadded forward pass over the whole sequence."""
     prompt = prompt_text(question, template, processor)
     add = not get_template(template).writes_bos
-    n_prompt = processor(text=prompt, images=image, return_tensors="pt", add_special_tokens=add)["input_ids"].shape[1]
-    full = processor(text=prompt + reply_text(question, answer, template, processor), images=image,
+    # One list of images per text: every family's processor reads that (Gemma 3's and SmolVLM's nothing else).
+    n_prompt = processor(text=[prompt], images=[[image]], return_tensors="pt",
+                         add_special_tokens=add)["input_ids"].shape[1]
+    full = processor(text=[prompt + reply_text(question, answer, template, processor)], images=[[image]],
                      return_tensors="pt", add_special_tokens=add)
     with torch.no_grad():
         logp = model(**full).logits[0].log_softmax(-1)

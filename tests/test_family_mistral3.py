@@ -21,13 +21,14 @@ import torch
 
 from medllava.data import Collator, Encoder
 from medllava.eval.generate import ensure_pad_token, generate_answers
-from medllava.eval.likelihood import reply_text, score_candidates
+from medllava.eval.likelihood import score_candidates
 from medllava.families import FAMILIES, image_inputs
 from medllava.images import load_image
 from medllava.model import TRAINABLE, ModelConfig, build_model, module_of, set_trainable
 from medllava.templates import IGNORE_INDEX, prompt_text, render, supervised_spans
 from medllava.tiny import TINY_SPECS, build_tokenizer, demo_data
 from medllava.tiny_mistral3 import build_mistral3, tekken_tokenizer
+from test_families import direct_log_likelihood
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -218,15 +219,8 @@ def test_likelihood_scores_match_a_direct_computation(tiny):
     scores = score_candidates(model, processor, [q for q, _ in asked], [im for _, im in asked], candidates,
                               "chat_template")
     for (q, image), options, got in zip(asked, candidates, scores):
-        prompt = prompt_text(q, "chat_template", processor)
-        n_prompt = processor(text=prompt, images=image, add_special_tokens=False)["input_ids"][0].__len__()
         for c in options:
-            full = processor(text=prompt + reply_text(q, c, "chat_template", processor), images=image,
-                             add_special_tokens=False, return_tensors="pt")
-            with torch.no_grad():
-                logp = model(**full).logits[0].log_softmax(-1)
-            ids = full["input_ids"][0]
-            direct = sum(logp[i - 1, ids[i]].item() for i in range(n_prompt, len(ids)))
+            direct = direct_log_likelihood(model, processor, q, image, c, "chat_template")
             assert math.isclose(got[c], direct, abs_tol=1e-3), (got, c, direct)
 
 

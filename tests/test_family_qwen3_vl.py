@@ -24,7 +24,7 @@ from medllava.commands.chat import answer_batch
 from medllava.config import from_dict
 from medllava.data import Collator, Encoder
 from medllava.eval.generate import ensure_pad_token
-from medllava.eval.likelihood import reply_text, score_candidates
+from medllava.eval.likelihood import score_candidates
 from medllava.families import FAMILIES, image_inputs, load_processor
 from medllava.finetune.config import STAGE_DEFINITIONS, LoraConfig, RunSettings, StageConfig
 from medllava.finetune.stage_checks import check_speed_options, stage_modules
@@ -34,19 +34,11 @@ from medllava.model import ModelConfig, build_model, module_of, set_trainable
 from medllava.templates import IGNORE_INDEX, prompt_text, render, supervised_spans
 from medllava.tiny import TINY_SPECS, demo_data
 from medllava.tiny_qwen3_vl import build_qwen3_vl
+from test_families import SHAPES, TURNS, direct_log_likelihood  # three image shapes, two rounds: as every family is checked
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 QWEN3 = FAMILIES["qwen3_vl"]
-TURNS = [
-    {"from": "human", "value": "What is shown?\n<image>"},
-    {"from": "gpt", "value": "A chest X-ray with a right pleural effusion."},
-    {"from": "human", "value": "Is the heart enlarged?"},
-    {"from": "gpt", "value": "No"},
-]
-# Real demo images: wide (128 x 76), square, and one cropped tall: different numbers of image tokens.
-SHAPES = {"wide": ("synpic100132.jpg", None), "square": ("synpic100176.jpg", None),
-          "tall": ("synpic18651.jpg", (0, 0, 40, 105))}
 
 
 @pytest.fixture(scope="module")
@@ -180,19 +172,6 @@ def test_batched_answers_equal_one_at_a_time(tiny, images):
     assert any(batched)
 
 
-def direct_log_likelihood(model, processor, question, image, answer) -> float:
-    """log p(reply | prompt, image) from one unpadded forward pass, the inputs straight from the processor."""
-    prompt = prompt_text(question, "chat_template", processor)
-    n_prompt = processor(text=[prompt], images=[image], return_tensors="pt",
-                         add_special_tokens=False)["input_ids"].shape[1]
-    full = processor(text=[prompt + reply_text(question, answer, "chat_template", processor)], images=[image],
-                     return_tensors="pt", add_special_tokens=False)
-    with torch.no_grad():
-        logp = model(**full).logits[0].log_softmax(-1)
-    ids = full["input_ids"][0]
-    return sum(logp[i - 1, ids[i]].item() for i in range(n_prompt, len(ids)))
-
-
 def test_likelihood_scores_match_a_direct_computation(tiny, images):
     model, processor = tiny
     pictures = [image for _, image in images.values()]
@@ -202,7 +181,8 @@ def test_likelihood_scores_match_a_direct_computation(tiny, images):
     for q, im, options, got in zip(questions, pictures, candidates, scores):
         assert list(got) == options
         for c in options:
-            assert math.isclose(got[c], direct_log_likelihood(model, processor, q, im, c), abs_tol=1e-3)
+            assert math.isclose(got[c], direct_log_likelihood(model, processor, q, im, c, "chat_template"),
+                                abs_tol=1e-3)
 
 
 def test_a_folder_saved_by_transformers_loads_and_answers_the_same(tiny, images, tmp_path):

@@ -19,7 +19,7 @@ import torch
 
 from medllava.data import Collator, Encoder
 from medllava.eval.generate import encode, ensure_pad_token, generate_answers
-from medllava.eval.likelihood import reply_text, score_candidates
+from medllava.eval.likelihood import score_candidates
 from medllava.families import FAMILIES, image_inputs, image_placeholder
 from medllava.finetune.config import STAGE_DEFINITIONS, LoraConfig
 from medllava.images import load_image
@@ -27,6 +27,7 @@ from medllava.model import ModelConfig, build_model, module_of, set_trainable
 from medllava.templates import IGNORE_INDEX, prompt_text, render, supervised_spans
 from medllava.tiny import demo_data
 from medllava.tiny_modern import chat_template
+from test_families import direct_log_likelihood
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -184,15 +185,8 @@ def test_batched_generation_and_likelihood_scores_equal_one_at_a_time(built, ima
     candidates = [["yes", "no"], ["lung", "heart", "liver"]]
     scores = score_candidates(model, processor, questions, pics, candidates, "chat_template")
     for question, image, options, got in zip(questions, pics, candidates, scores):
-        prompt = prompt_text(question, "chat_template", processor)
-        n_prompt = processor(text=[prompt], images=[[image]], add_special_tokens=False)["input_ids"][0].__len__()
         for option in options:
-            full = processor(text=[prompt + reply_text(question, option, "chat_template", processor)], images=[[image]],
-                             add_special_tokens=False, return_tensors="pt")
-            with torch.no_grad():
-                logp = model(**full).logits[0].log_softmax(-1)
-            ids = full["input_ids"][0]
-            direct = sum(logp[i - 1, ids[i]].item() for i in range(n_prompt, len(ids)))
+            direct = direct_log_likelihood(model, processor, question, image, option, "chat_template")
             assert math.isclose(got[option], direct, abs_tol=1e-3), (option, got, direct)
 
 
