@@ -251,20 +251,22 @@ def new_processor(family: Family, **parts):
     constructor.
 
     Where a package of `processor_needs` is missing, transformers cannot check the class of a video
-    processor: it exports `VideoProcessorMixin` only with torchvision, and `ProcessorMixin.__init__` looks
-    the class up by that name, so the constructor fails even though images never touch torchvision. There
-    the constructor runs with that one check done here instead (the video processor must still be a
-    `VideoProcessorMixin`); every other part is checked and set by the constructor as usual.
+    processor: it exports the video processors' base class (`VideoProcessorMixin` in 5.25,
+    `BaseVideoProcessor` in 5.17) only with torchvision, and `ProcessorMixin.__init__` looks the class up by
+    that name, so the constructor fails even though images never touch torchvision. There the constructor
+    runs with that one check done here instead (the video processor must still be an instance of that base
+    class); every other part is checked and set by the constructor as usual.
     """
     import transformers
 
     cls = getattr(transformers, family.processor_class)
     if not family.missing_packages():
         return cls(**parts)
-    from transformers.video_processing_utils import VideoProcessorMixin
+    from transformers import video_processing_utils
 
+    base = getattr(video_processing_utils, "VideoProcessorMixin", video_processing_utils.BaseVideoProcessor)
     video = parts.get("video_processor")
-    if not isinstance(video, VideoProcessorMixin):
+    if not isinstance(video, base):
         raise TypeError(f"{family.processor_class} needs a video processor, got {type(video).__name__}")
     processor = cls.__new__(cls)
     check = processor.check_argument_for_proper_class

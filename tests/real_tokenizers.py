@@ -59,12 +59,12 @@ def _qwen2_vl_json() -> str:
         placeholder = by_id[i]
         assert placeholder == f"[PAD{i}]", f"id {i} holds {placeholder!r}, not a placeholder"
         vocab[name] = vocab.pop(placeholder)
-    renamed = 0
-    for added in data["added_tokens"]:
-        if added["id"] in QWEN2_VL_ADDED:
-            added.update(content=QWEN2_VL_ADDED[added["id"]], special=True)
-            renamed += 1
-    assert renamed == len(QWEN2_VL_ADDED), "the GGUF vocabulary's added tokens changed"
+    # transformers 5.25 lists the placeholders among the added tokens, 5.17 does not: rename or add them.
+    added = {entry["id"]: entry for entry in data["added_tokens"]}
+    for i, name in QWEN2_VL_ADDED.items():
+        added[i] = dict(added.get(i, {"id": i, "single_word": False, "lstrip": False, "rstrip": False,
+                                      "normalized": False}), content=name, special=True)
+    data["added_tokens"] = sorted(added.values(), key=lambda entry: entry["id"])
     return json.dumps(data)
 
 
@@ -75,7 +75,9 @@ def qwen2_vl_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     require_qwen2_vocabulary()
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_qwen2_vl_json()), eos_token="<|im_end|>", pad_token="<|endoftext|>",
         additional_special_tokens=["<|im_start|>", *QWEN2_VL_ADDED.values()], padding_side="right",
         model_max_length=32768)
+    assert all(tokenizer.convert_tokens_to_ids(name) == i for i, name in QWEN2_VL_ADDED.items())
+    return tokenizer
